@@ -1,0 +1,1 @@
+"""ONNX -> engines (TensorRT build) and the engine runners (TensorRT, ONNX Runtime)."""

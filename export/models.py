@@ -1,0 +1,211 @@
+"""What a "model" is to sagrt: built-in presets made in code, or a local diffusers folder.
+
+Presets have seeded random weights (the same on every machine with the same torch) and
+nothing is downloaded: `tiny` for tests, `small` (SD 1.5 topology at reduced width) for CPU
+measurements, `sd15` (the full SD 1.5 architecture) for GPU measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sagrt.errors import SagrtError
+
+ASSETS = Path(__file__).parent / "assets"
+REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+)
+
+
+class ModelError(SagrtError):
+    """A model name or folder that cannot be loaded; the message says what to fix."""
+
+
+@dataclass
+class Preset:
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    vae: dict[str, Any]
+    seed: int = 0
+
+
+_TINY_VOCAB = 591  # len(export/assets/vocab.json)
+_TEXT = dict(vocab_size=_TINY_VOCAB, max_position_embeddings=77, bos_token_id=589, eos_token_id=590,
+             pad_token_id=590)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        unet=dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=[2, 4], norm_num_groups=32,
+        ),
+        text_encoder=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, **_TEXT),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        ),
+    ),
+    "small": Preset(
+        unet=dict(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256, 256),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+        ),
+        text_encoder=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                          **_TEXT),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+            block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256,
+        ),
+    ),
+    "sd15": Preset(
+        unet=dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8,
+        ),
+        # CLIP ViT-L/14 text tower; the built-in tokenizer uses only the first ids of its vocabulary
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          projection_dim=768, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77,
+                          bos_token_id=589, eos_token_id=590, pad_token_id=590),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+        ),
+    ),
+}
+
+
+@dataclass
+class Components:
+    """The diffusers/transformers modules of one Stable Diffusion model, in eval mode."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler: Any
+    safety_checker: Any = None
+    feature_extractor: Any = None
+    source: str = "tiny"
+    fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def min_latent_side(self) -> int:
+        """Smallest latent side the UNet takes: one pixel left at its coarsest level."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def builtin_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(ASSETS / "vocab.json"), str(ASSETS / "merges.txt"), model_max_length=77)
+
+
+def build_preset(name: str) -> Components:
+    """Builds a preset's modules from its configs with weights drawn from the preset's seed."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    preset = PRESETS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.seed)
+        unet = UNet2DConditionModel(**preset.unet)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
+        vae = AutoencoderKL(**preset.vae)
+    payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
+                         sort_keys=True, default=str)
+    return Components(
+        tokenizer=builtin_tokenizer(), text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
+        scheduler=DDIMScheduler(**SD_SCHEDULER), source=name,
+        fingerprint="preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16],
+    )
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Hash of a model folder: every config file whole, every weight file by name, size, head and tail."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        digest.update(rel.encode())
+        if file.suffix in (".json", ".txt"):
+            digest.update(file.read_bytes())
+        else:
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with open(file, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                digest.update(fh.read(1 << 20))
+    return "folder-" + digest.hexdigest()[:16]
+
+
+def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
+    """Loads a local diffusers-format Stable Diffusion folder (no network)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist (use --model tiny or a diffusers-format folder)")
+    missing = [name for name in REQUIRED_FOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "
+                         f"{', '.join(REQUIRED_FOLDERS)})")
+    try:
+        scheduler_config = SchedulerMixin.load_config(path / "scheduler")
+        import diffusers
+
+        scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+        components = Components(
+            tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval(),
+            vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval(),
+            scheduler=scheduler_cls.from_config(scheduler_config),
+            source=str(path.resolve()),
+            fingerprint=folder_fingerprint(path),
+        )
+    except (OSError, KeyError, ValueError, AttributeError) as err:
+        raise ModelError(f"cannot load model folder {path}: {str(err).splitlines()[0]}") from err
+    if safety_checker and (path / "safety_checker").is_dir():
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        components.safety_checker = StableDiffusionSafetyChecker.from_pretrained(
+            path / "safety_checker", local_files_only=True).eval()
+        components.feature_extractor = CLIPImageProcessor.from_pretrained(path / "feature_extractor",
+                                                                          local_files_only=True)
+    return components
+
+
+def load_model(model: str | Path, safety_checker: bool = True) -> Components:
+    """`model` is a preset name (tiny, small, sd15) or a local diffusers folder."""
+    if str(model) in PRESETS:
+        return build_preset(str(model))
+    path = Path(model)
+    if not path.exists() and "/" not in str(model) and "\\" not in str(model):
+        raise ModelError(f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}) or a diffusers folder path")
+    return load_folder(path, safety_checker=safety_checker)
