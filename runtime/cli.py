@@ -1,0 +1,49 @@
+"""`sagrt` command line. Each subcommand is a module with `add_arguments(parser)` and `run(args)`.
+
+Errors a user can fix (SagrtError, bad paths) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sagrt.errors import SagrtError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sagrt import __version__
+
+    parser = argparse.ArgumentParser(prog="sagrt", description="Stable Diffusion with Self-Attention Guidance "
+                                     "on compiled engines (TensorRT, ONNX Runtime), with PyTorch parity.")
+    parser.add_argument("--version", action="version", version=f"sagrt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(args.module).run(args) or 0
+    except (SagrtError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"sagrt {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sagrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `sagrt` subcommand: `add_arguments(parser)` and `run(args)`."""

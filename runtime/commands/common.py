@@ -1,0 +1,91 @@
+"""Arguments and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sagrt.errors import SagrtError
+from sagrt.runtime.backends import BACKENDS
+from sagrt.runtime.pipeline import SAGConfig
+from sagrt.runtime.schedulers import scheduler_names
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def add_model_arguments(parser, backends=BACKENDS):
+    parser.add_argument("--model", default="tiny",
+                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    parser.add_argument("--backend", default="torch", choices=backends, metavar="{" + ",".join(backends) + "}",
+                        help="engine backend (default: torch)")
+    parser.add_argument("--device", default=None, help="torch device for the torch backend (default: cuda if present)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
+    parser.add_argument("--no-safety-checker", action="store_true",
+                        help="do not run the model folder's safety checker")
+
+
+def add_sampling_arguments(parser):
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    parser.add_argument("--sag-scale", type=float, default=0.75, help="self-attention guidance (default: 0.75)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help=f"one of {', '.join(scheduler_names())} (default: the model's)")
+    parser.add_argument("--karras-sigmas", action="store_true", help="Karras sigma spacing, where the scheduler has it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sag-threshold", type=float, default=1.0, help="mask threshold on the attention score")
+    parser.add_argument("--sag-blur-sigma", type=float, default=1.0)
+    parser.add_argument("--sag-blur-kernel", type=int, default=9, help="odd blur kernel size (default: 9)")
+    parser.add_argument("--sag-window", default="0:1", metavar="START:END",
+                        help="fractions of the schedule where SAG runs (default: 0:1, every step)")
+
+
+def sag_config(args) -> SAGConfig:
+    try:
+        start, end = (float(part) for part in args.sag_window.split(":"))
+    except ValueError:
+        raise SagrtError(f"--sag-window {args.sag_window!r} must be START:END, e.g. 0:0.5") from None
+    return SAGConfig(threshold=args.sag_threshold, blur_sigma=args.sag_blur_sigma, blur_kernel=args.sag_blur_kernel,
+                     window=(start, end))
+
+
+def load_pipeline(args, **backend_options):
+    from sagrt.runtime.pipeline import SAGPipeline
+    from sagrt.runtime.schedulers import make_scheduler
+
+    pipe = SAGPipeline.from_pretrained(args.model, backend=args.backend, device=args.device,
+                                       torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
+                                       **backend_options)
+    if args.scheduler is not None or args.karras_sigmas:
+        name = args.scheduler or type(pipe.scheduler).__name__
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config, karras_sigmas=args.karras_sigmas or None)
+    return pipe
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Creates `path` if needed and proves it writable before any long work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sagrt-probe-"):
+            pass
+    except OSError as err:
+        raise SagrtError(f"cannot write to {path}: {err.strerror or err}") from None
+    return path
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """Writes a PIL image to a temporary name beside `path`, then renames it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
