@@ -1,0 +1,65 @@
+"""Files on disk: atomic writes, content hashes and manifests, shared by the export and engine stages.
+
+Every artifact is written to a temporary name in its final folder and renamed when complete,
+so a crash never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds,
+    removes it otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    path = Path(folder) / MANIFEST
+    write_bytes_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """The folder's manifest, or None when there is none (or it is unreadable)."""
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def manifest_differences(found: dict, wanted: dict) -> list[str]:
+    """'key: found X, wanted Y' for every key of `wanted` whose value differs in `found`."""
+    return [f"{key}: found {found.get(key)!r}, wanted {value!r}" for key, value in wanted.items()
+            if found.get(key) != value]
