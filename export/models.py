@@ -163,8 +163,8 @@ def folder_fingerprint(path: Path) -> str:
 
 def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
     """Loads a local diffusers-format Stable Diffusion folder (no network)."""
+    import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -175,10 +175,8 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
         raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "
                          f"{', '.join(REQUIRED_FOLDERS)})")
     try:
-        scheduler_config = SchedulerMixin.load_config(path / "scheduler")
-        import diffusers
-
-        scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name"))
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
