@@ -134,13 +134,18 @@ def build_preset(name: str) -> Components:
         unet = UNet2DConditionModel(**preset.unet)
         text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
         vae = AutoencoderKL(**preset.vae)
-    payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
-                         sort_keys=True, default=str)
     return Components(
         tokenizer=builtin_tokenizer(), text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER), source=name,
-        fingerprint="preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16],
+        scheduler=DDIMScheduler(**SD_SCHEDULER), source=name, fingerprint=preset_fingerprint(name),
     )
+
+
+def preset_fingerprint(name: str) -> str:
+    """Hash of a preset's configs, seed and torch version (its weights follow from them), without building it."""
+    preset = PRESETS[name]
+    payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
+                         sort_keys=True, default=str)
+    return "preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def folder_fingerprint(path: Path) -> str:
@@ -190,15 +195,31 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
         )
     except (OSError, KeyError, ValueError, AttributeError) as err:
         raise ModelError(f"cannot load model folder {path}: {str(err).splitlines()[0]}") from err
-    if safety_checker and (path / "safety_checker").is_dir():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPImageProcessor
-
-        components.safety_checker = StableDiffusionSafetyChecker.from_pretrained(
-            path / "safety_checker", local_files_only=True).eval()
-        components.feature_extractor = CLIPImageProcessor.from_pretrained(path / "feature_extractor",
-                                                                          local_files_only=True)
+    if safety_checker:
+        components.safety_checker, components.feature_extractor = load_safety_checker(path)
     return components
+
+
+def load_safety_checker(path: str | Path):
+    """(safety checker, feature extractor) of a diffusers folder, or (None, None) when it has none."""
+    path = Path(path)
+    if not (path / "safety_checker").is_dir():
+        return None, None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(path / "safety_checker", local_files_only=True).eval()
+    return checker, CLIPImageProcessor.from_pretrained(path / "feature_extractor", local_files_only=True)
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """The fingerprint `load_model(model)` would give, without loading the weights."""
+    if str(model) in PRESETS:
+        return preset_fingerprint(str(model))
+    path = Path(model)
+    if not path.is_dir():
+        load_model(model)  # raises the error that says what is wrong with the name or path
+    return folder_fingerprint(path)
 
 
 def load_model(model: str | Path, safety_checker: bool = True) -> Components:
