@@ -166,10 +166,17 @@ def folder_fingerprint(path: Path) -> str:
     return "folder-" + digest.hexdigest()[:16]
 
 
+def load_scheduler(path: str | Path):
+    """The diffusers scheduler a saved scheduler folder (scheduler_config.json) describes."""
+    import diffusers
+
+    config = json.loads((Path(path) / "scheduler_config.json").read_text())
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
 def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
     """Loads a local diffusers-format Stable Diffusion folder (no network)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -180,16 +187,12 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
         raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "
                          f"{', '.join(REQUIRED_FOLDERS)})")
     try:
-        scheduler_config = SchedulerMixin.load_config(path / "scheduler")
-        import diffusers
-
-        scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
             unet=UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval(),
             vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval(),
-            scheduler=scheduler_cls.from_config(scheduler_config),
+            scheduler=load_scheduler(path / "scheduler"),
             source=str(path.resolve()),
             fingerprint=folder_fingerprint(path),
         )
