@@ -166,6 +166,18 @@ def folder_fingerprint(path: Path) -> str:
     return "folder-" + digest.hexdigest()[:16]
 
 
+def save_scheduler(scheduler, path: str | Path) -> None:
+    """Writes scheduler_config.json without the values the scheduler took by default, so that loading it and
+    switching scheduler class (from_config) gives what the in-memory scheduler gives: diffusers carries over
+    only explicitly set values (e.g. DDIM's timestep_spacing default must not reach DPM-Solver)."""
+    config = dict(scheduler.config)
+    defaulted = set(config.pop("_use_default_values", []))
+    config = {key: value for key, value in config.items() if key not in defaulted}
+    config["_class_name"] = type(scheduler).__name__
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+
+
 def load_scheduler(path: str | Path):
     """The diffusers scheduler a saved scheduler folder (scheduler_config.json) describes."""
     import diffusers

@@ -21,7 +21,7 @@ import torch
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
 from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, resolve_layer
-from sagrt.export.models import Components, load_model
+from sagrt.export.models import Components, load_model, model_fingerprint, save_scheduler
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -164,6 +164,14 @@ def export_key(precision: str, opset: int, sag_layer: str) -> str:
     return f"{precision}-opset{opset}-{layer}"
 
 
+def export_folder(fingerprint: str, out_dir=None, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                  sag_layer: str = MID_BLOCK_LAYER) -> Path:
+    """`out_dir`, or the cache folder of this model and request."""
+    if out_dir is not None:
+        return Path(out_dir)
+    return artifacts.artifact_dir(fingerprint, "onnx", export_key(precision, opset, sag_layer))
+
+
 def request_fields(fingerprint: str, opset: int, precision: str, sag_layer: str) -> dict:
     """The manifest keys an existing export must match to be reused."""
     from sagrt import __version__
@@ -231,14 +239,12 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
     An export whose manifest matches the request is reused; `force` redoes it."""
     from tqdm.auto import tqdm
 
-    from sagrt.export.models import model_fingerprint
     from sagrt.runtime.runners import ModelInfo
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(PRECISIONS)}")
     fingerprint = model.fingerprint if isinstance(model, Components) else model_fingerprint(model)
-    folder = Path(out_dir) if out_dir is not None else artifacts.artifact_dir(
-        fingerprint, "onnx", export_key(precision, opset, sag_layer))
+    folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
     wanted = request_fields(fingerprint, opset, precision, sag_layer)
     if not force and artifacts.read_manifest(folder) is not None:
         verify_export(folder, wanted)
@@ -261,7 +267,7 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
                                         sag_layer=sag_layer, external_data=external_data)
             else:
                 components.tokenizer.save_pretrained(staging / "tokenizer")
-                components.scheduler.save_pretrained(staging / "scheduler")
+                save_scheduler(components.scheduler, staging / "scheduler")
         for name in names + ["tokenizer", "scheduler"]:
             _move_into(staging, folder, name)
     finally:

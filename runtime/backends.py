@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 
@@ -63,13 +62,12 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
     from sagrt.engine.onnxruntime_runner import OrtRunners
     from sagrt.export import artifacts
     from sagrt.export.models import PRESETS, load_safety_checker, load_scheduler, model_fingerprint
-    from sagrt.export.onnx_export import DEFAULT_OPSET, export_key, export_model, request_fields
+    from sagrt.export.onnx_export import DEFAULT_OPSET, export_folder, export_model, request_fields
 
     precision = "fp16" if dtype == torch.float16 else "fp32"
     opset = opset or DEFAULT_OPSET
     fingerprint = model_fingerprint(model)
-    folder = Path(export_dir) if export_dir else artifacts.artifact_dir(
-        fingerprint, "onnx", export_key(precision, opset, sag_layer))
+    folder = export_folder(fingerprint, export_dir, precision, opset, sag_layer)
     if artifacts.read_manifest(folder) is None:
         export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer)
     if providers is None and device is not None and torch.device(device).type == "cpu":
