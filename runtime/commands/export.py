@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sagrt.export import artifacts
+from sagrt.export import artifacts, trt_compat
 from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.export.onnx_export import DEFAULT_OPSET, PRECISIONS, export_folder, export_model
 from sagrt.export.models import model_fingerprint
@@ -36,4 +36,11 @@ def run(args) -> int:
                       if ".onnx" in name)
     verb = "reused the matching export in" if reuse else f"exported {args.model} to"
     print(f"{verb} {folder}/ ({sizes}) in {time.perf_counter() - start:.1f} s")
+    findings = [f"{name}: {finding}" for name in sorted(manifest["networks"])
+                for finding in trt_compat.check_model(folder / f"{name}.onnx")]
+    if findings:
+        print(f"TensorRT {trt_compat.TENSORRT_TARGET} parser check: {len(findings)} finding(s); the tensorrt backend "
+              f"will refuse these graphs:\n  " + "\n  ".join(findings))
+    else:
+        print(f"TensorRT {trt_compat.TENSORRT_TARGET} parser check: every operator and attribute is supported")
     return 0
