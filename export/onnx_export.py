@@ -53,16 +53,19 @@ def final_layer_norm(text_encoder):
 
 class TextEncoderWithLayers(torch.nn.Module):
     """input_ids [B, 77] int32 -> (hidden [B, 77, D], layer_hidden [L + 1, B, 77, D]), where layer_hidden[i] is
-    final_layer_norm(hidden_states[i]): clip_skip k reads layer_hidden[-(k + 1)]."""
+    final_layer_norm(hidden_states[i]): clip_skip k reads layer_hidden[-(k + 1)]. Runs in the text encoder's own
+    dtype and casts its outputs to `out_dtype` (fp16 graphs keep CLIP in fp32: traced in fp16, transformers'
+    CLIP mixes fp32 residuals into fp16 LayerNorms, which ONNX Runtime refuses; it costs two calls a run)."""
 
-    def __init__(self, text_encoder):
+    def __init__(self, text_encoder, out_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.out_dtype = text_encoder, out_dtype
 
     def forward(self, input_ids):
         out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
         norm = final_layer_norm(self.text_encoder)
-        return out.last_hidden_state, torch.stack([norm(h) for h in out.hidden_states])
+        layer_hidden = torch.stack([norm(h) for h in out.hidden_states])
+        return out.last_hidden_state.to(self.out_dtype), layer_hidden.to(self.out_dtype)
 
 
 class VaeDecoder(torch.nn.Module):
@@ -109,9 +112,9 @@ def sample_inputs(name: str, components: Components, dtype: torch.dtype) -> tupl
 
 def export_module(name: str, components: Components, dtype: torch.dtype, sag_layer: str):
     """The module torch.onnx.export traces for network `name`, in `dtype` (a copy: the caller's modules keep theirs)."""
-    modules = {"text_encoder": lambda: TextEncoderWithLayers(components.text_encoder),
-               "unet": lambda: UNetWithScore(components.unet, sag_layer),
-               "vae_decoder": lambda: VaeDecoder(components.vae)}
+    if name == "text_encoder":
+        return TextEncoderWithLayers(components.text_encoder, out_dtype=dtype).eval()
+    modules = {"unet": lambda: UNetWithScore(components.unet, sag_layer), "vae_decoder": lambda: VaeDecoder(components.vae)}
     module = modules[name]()
     if next(module.parameters()).dtype != dtype:
         module = copy.deepcopy(module).to(dtype)
@@ -150,12 +153,28 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
     external = raw_bytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     # re-save so a large graph's weights sit in one data file beside it instead of one file per tensor
     model = onnx.load(str(raw_path))
+    declare_io_shapes(model.graph, spec)
     data_name = f"{spec.filename}.data"
     onnx.save_model(model, str(folder / spec.filename), save_as_external_data=external,
                     all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     shutil.rmtree(raw)
     onnx.checker.check_model(str(folder / spec.filename))
     return [spec.filename, data_name] if external else [spec.filename]
+
+
+def declare_io_shapes(graph, spec: specs.NetworkSpec) -> None:
+    """Writes the spec's dimensions on the graph's inputs and outputs: fixed sizes as values, dynamic ones
+    under the spec's names (the tracer names some after internal nodes, e.g. "Casthidden_dim_1")."""
+    declared = {t.name: t.shape for t in spec.inputs + spec.outputs}
+    for value in list(graph.input) + list(graph.output):
+        shape = value.type.tensor_type.shape
+        shape.ClearField("dim")
+        for size in declared[value.name]:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
 
 
 def export_key(precision: str, opset: int, sag_layer: str) -> str:
