@@ -117,6 +117,11 @@ class Components:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
+def final_layer_norm(text_encoder):
+    """CLIP's last LayerNorm: under `text_model` in transformers 4, on the model itself in transformers 5."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
 def builtin_tokenizer():
     from transformers import CLIPTokenizer
 

@@ -21,7 +21,7 @@ import torch
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
 from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, resolve_layer
-from sagrt.export.models import Components, load_model, model_fingerprint, save_scheduler
+from sagrt.export.models import Components, final_layer_norm, load_model, model_fingerprint, save_scheduler
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -44,11 +44,6 @@ class UNetWithScore(torch.nn.Module):
         with capture_sag_score(self.unet, self.sag_layer) as capture:
             noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return noise_pred, capture.score_map()
-
-
-def final_layer_norm(text_encoder):
-    """CLIP's last LayerNorm: under `text_model` in transformers 4, on the model itself in transformers 5."""
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
 
 class TextEncoderWithLayers(torch.nn.Module):
