@@ -122,12 +122,12 @@ def sag_map_downsamplings(components: Components, sag_layer: str) -> int:
     sample, timestep, context = sample_inputs("unet", components, torch.float32)
     with torch.no_grad(), capture_sag_score(components.unet, sag_layer) as capture:
         components.unet(sample[:1], timestep, encoder_hidden_states=context[:1])
-    found = {"map": tuple(capture.map_size)}
+    map_size = tuple(capture.map_size)
     for k in range(8):
-        if (specs.map_side(h, k), specs.map_side(w, k)) == tuple(found["map"]):
+        if (specs.map_side(h, k), specs.map_side(w, k)) == map_size:
             return k
-    raise ExportError(f"SAG layer {sag_layer!r} has map {tuple(found['map'])} for latent {h}x{w}: not a downsampling "
-                      f"of the latent")
+    raise ExportError(f"SAG layer {sag_layer!r} has map {map_size} for latent {h}x{w}: not a downsampling of the "
+                      f"latent")
 
 
 def export_network(name: str, components: Components, spec: specs.NetworkSpec, folder: Path, *, opset: int,
@@ -282,6 +282,8 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
             else:
                 components.tokenizer.save_pretrained(staging / "tokenizer")
                 save_scheduler(components.scheduler, staging / "scheduler")
+        for stale in folder.glob("*.onnx.data"):  # weights of an earlier export stored externally
+            stale.unlink()
         for name in names + ["tokenizer", "scheduler"]:
             _move_into(staging, folder, name)
     finally:

@@ -157,6 +157,8 @@ def test_external_data_forced(tiny, torch_runners, tmp_path):
     with torch.no_grad():
         noise_ref, score_ref = torch_runners.unet(sample, timestep, context)
     assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
+    export_model(tiny, folder, force=True, external_data=False, progress=False)
+    assert not list(folder.glob("*.data")) and verify_export(folder)
 
 
 def test_fp16_export_keeps_the_score_float32(tiny, tmp_path):
