@@ -71,13 +71,15 @@ class OrtRunners(Runners):
     name = "onnxruntime"
 
     def __init__(self, export_dir: str | Path, providers=None, *, device_id: int = 0, io_binding: bool | None = None,
-                 wanted: dict | None = None, graph_optimization: str = "all", intra_op_threads: int = 0):
+                 wanted: dict | None = None, model: str | None = None, graph_optimization: str = "all",
+                 intra_op_threads: int = 0):
+        """`wanted`: manifest values the export must have; `model`: named in the redo command of errors."""
         import onnxruntime as ort
 
         from sagrt import __version__
 
         self.export_dir = Path(export_dir)
-        self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})})
+        self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
         self.info = ModelInfo(**self.manifest["model_info"])
         self.specs = {name: spec_from_table(name, self.manifest["networks"][name]) for name in NETWORKS}
         self.map_downsamplings = self.manifest["sag_map_downsamplings"]

@@ -206,17 +206,18 @@ def redo_command(model_source: str, folder: Path, opset: int = DEFAULT_OPSET, pr
     return command + " --force"
 
 
-def verify_export(folder: str | Path, wanted: dict | None = None) -> dict:
+def verify_export(folder: str | Path, wanted: dict | None = None, model: str | None = None) -> dict:
     """The folder's manifest after checking it is an ONNX export matching `wanted` and that every file it lists
-    has its recorded size and sha256; raises ExportError saying what differs and how to redo the export."""
+    has its recorded size and sha256; raises ExportError saying what differs and the command that redoes the
+    export (for `model`, default the manifest's, with the wanted settings)."""
     folder = Path(folder)
     manifest = artifacts.read_manifest(folder)
     if manifest is None:
         raise ExportError(f"{folder} holds no ONNX export (no readable {artifacts.MANIFEST}): "
-                          f"run `sagrt export --model MODEL --out {folder}`")
-    source = manifest.get("model_source", "MODEL")
-    redo = redo_command(source, folder, manifest.get("opset", DEFAULT_OPSET), manifest.get("precision", "fp32"),
-                        manifest.get("sag_layer", MID_BLOCK_LAYER))
+                          f"run `sagrt export --model {model or 'MODEL'} --out {folder}`")
+    settings = {**manifest, **(wanted or {})}
+    redo = redo_command(model or manifest.get("model_source", "MODEL"), folder, settings.get("opset", DEFAULT_OPSET),
+                        settings.get("precision", "fp32"), settings.get("sag_layer", MID_BLOCK_LAYER))
     differences = artifacts.manifest_differences(manifest, {"kind": "onnx", **(wanted or {})})
     if differences:
         raise ExportError(f"export in {folder} does not match: {'; '.join(differences)}; redo it with `{redo}`")
@@ -261,7 +262,7 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
     folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
     wanted = request_fields(fingerprint, opset, precision, sag_layer)
     if not force and artifacts.read_manifest(folder) is not None:
-        verify_export(folder, wanted)
+        verify_export(folder, wanted, None if isinstance(model, Components) else str(model))
         return folder
 
     components = model if isinstance(model, Components) else load_model(model, safety_checker=False)

@@ -12,6 +12,7 @@ from sagrt.export.models import load_model
 from sagrt.runtime.runners import ModelInfo, TorchRunners
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+ONNXRUNTIME_OPTIONS = ("providers", "export_dir", "opset", "io_binding")
 
 
 class BackendError(SagrtError):
@@ -38,6 +39,9 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     backend = resolve_auto(backend)
     if backend == "onnxruntime":
+        unknown = sorted(set(options) - set(ONNXRUNTIME_OPTIONS))
+        if unknown:
+            raise BackendError(f"backend onnxruntime has no options {unknown}: it takes {', '.join(ONNXRUNTIME_OPTIONS)}")
         return load_onnxruntime(model, device, dtype, safety_checker, sag_layer, **options)
     if backend != "torch":
         raise BackendError(f"backend {backend!r} is not available in this build")
@@ -72,9 +76,9 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
         export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer)
     if providers is None and device is not None and torch.device(device).type == "cpu":
         providers = ["cpu"]
-    device_id = torch.device(device).index or 0 if device is not None else 0
+    device_id = (torch.device(device).index or 0) if device is not None else 0
     runners = OrtRunners(folder, providers, device_id=device_id, io_binding=io_binding,
-                         wanted=request_fields(fingerprint, opset, precision, sag_layer))
+                         wanted=request_fields(fingerprint, opset, precision, sag_layer), model=str(model))
     checker = (None, None)
     if safety_checker and str(model) not in PRESETS:
         checker = load_safety_checker(model)

@@ -235,3 +235,18 @@ def test_generate_runs_on_onnxruntime(tiny_onnx, tmp_path, capsys):
     assert generate(tiny_onnx, tmp_path) == 0
     out = capsys.readouterr().out
     assert "backend onnxruntime" in out and (tmp_path / "images" / "sagrt-0-0.png").is_file()
+
+
+def test_export_of_another_precision_names_the_command_that_makes_it(tiny_onnx):
+    from sagrt.export.onnx_export import ExportError
+
+    with pytest.raises(ExportError, match=r"precision: found 'fp32', wanted 'fp16'.*--model tiny .*--precision fp16 "
+                                          r"--force"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", export_dir=tiny_onnx, torch_dtype=torch.float16)
+
+
+def test_unknown_backend_option_is_refused():
+    from sagrt.runtime.backends import BackendError
+
+    with pytest.raises(BackendError, match="no options \\['bogus'\\]"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", bogus=1)
