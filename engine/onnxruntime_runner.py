@@ -90,10 +90,10 @@ class OrtRunners(Runners):
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[graph_optimization]
+        levels = ort.GraphOptimizationLevel
+        options.graph_optimization_level = {"all": levels.ORT_ENABLE_ALL, "extended": levels.ORT_ENABLE_EXTENDED,
+                                            "basic": levels.ORT_ENABLE_BASIC, "none": levels.ORT_DISABLE_ALL,
+                                            }[graph_optimization]
         options.intra_op_num_threads = intra_op_threads
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
         self.sessions = {name: ort.InferenceSession(str(self.export_dir / spec.filename), options,

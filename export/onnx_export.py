@@ -109,8 +109,7 @@ def export_module(name: str, components: Components, dtype: torch.dtype, sag_lay
     """The module torch.onnx.export traces for network `name`, in `dtype` (a copy: the caller's modules keep theirs)."""
     if name == "text_encoder":
         return TextEncoderWithLayers(components.text_encoder, out_dtype=dtype).eval()
-    modules = {"unet": lambda: UNetWithScore(components.unet, sag_layer), "vae_decoder": lambda: VaeDecoder(components.vae)}
-    module = modules[name]()
+    module = UNetWithScore(components.unet, sag_layer) if name == "unet" else VaeDecoder(components.vae)
     if next(module.parameters()).dtype != dtype:
         module = copy.deepcopy(module).to(dtype)
     return module.eval()

@@ -41,7 +41,8 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
     if backend == "onnxruntime":
         unknown = sorted(set(options) - set(ONNXRUNTIME_OPTIONS))
         if unknown:
-            raise BackendError(f"backend onnxruntime has no options {unknown}: it takes {', '.join(ONNXRUNTIME_OPTIONS)}")
+            raise BackendError(f"backend onnxruntime has no options {unknown}: it takes "
+                               f"{', '.join(ONNXRUNTIME_OPTIONS)}")
         return load_onnxruntime(model, device, dtype, safety_checker, sag_layer, **options)
     if backend != "torch":
         raise BackendError(f"backend {backend!r} is not available in this build")

@@ -1,7 +1,6 @@
 """ONNX export of the tiny model: graph checks, declared I/O, per-module ONNX Runtime (CPU) parity against
 torch, external data, manifest reuse and the TensorRT parser check."""
 
-import json
 import shutil
 
 import numpy as np

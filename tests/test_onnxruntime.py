@@ -3,6 +3,7 @@ one-line errors for damaged or foreign exports."""
 
 import json
 import shutil
+import re
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from sagrt.runtime import SAGPipeline
 from sagrt.runtime.backends import resolve_auto
 from sagrt.runtime.cli import main
 from sagrt.runtime.runners import ModelInfo, TorchRunners
-from sagrt.runtime.schedulers import make_scheduler
 
 LOOP_BOUND = 1e-3  # DESIGN.md: final latents after the whole loop, onnxruntime fp32 vs torch fp32
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -37,7 +37,8 @@ def test_io_binding_path_matches_the_plain_path(tiny_onnx, ort_runners):
     gen = torch.Generator().manual_seed(3)
     sample, context = torch.randn(2, 4, 7, 9, generator=gen), torch.randn(2, 77, 32, generator=gen)
     input_ids = torch.randint(0, 591, (2, 77), generator=gen)
-    for a, b in zip(bound.unet(sample, torch.tensor(500), context), ort_runners.unet(sample, torch.tensor(500), context)):
+    timestep = torch.tensor(500)
+    for a, b in zip(bound.unet(sample, timestep, context), ort_runners.unet(sample, timestep, context)):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     assert torch.allclose(bound.encode_text(input_ids, clip_skip=1), ort_runners.encode_text(input_ids, clip_skip=1))
     image = bound.decode(sample)
@@ -184,26 +185,25 @@ DAMAGES = {
     "other model": (lambda f: edit_manifest(f, model_fingerprint="preset-0000000000000000"),
                     "model_fingerprint: found 'preset-0000000000000000'"),
     "other version": (lambda f: edit_manifest(f, sagrt_version="0.0.1"), "sagrt_version: found '0.0.1'"),
-    "no manifest": (lambda f: (f / "manifest.json").write_text("{not json"), "holds no ONNX export"),
 }
+
+
+def test_unreadable_manifest_is_no_export(tiny_onnx, tmp_path):
+    """An unreadable manifest means an unfinished export: the backend exports again, `verify_export` refuses it."""
+    from sagrt.export.onnx_export import ExportError, verify_export
+
+    folder = damaged_copy(tiny_onnx, tmp_path, lambda f: (f / "manifest.json").write_text("{not json"))
+    with pytest.raises(ExportError, match="holds no ONNX export.*sagrt export --model MODEL"):
+        verify_export(folder)
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_or_foreign_export_is_one_line_exit_2(tiny_onnx, tmp_path, capsys, damage):
     action, message = DAMAGES[damage]
     folder = damaged_copy(tiny_onnx, tmp_path, action)
-    if damage == "no manifest":
-        # an unreadable manifest means an unfinished export: the backend exports again, `verify_export` refuses it
-        from sagrt.export.onnx_export import ExportError, verify_export
-
-        with pytest.raises(ExportError, match=message):
-            verify_export(folder)
-        return
     assert generate(folder, tmp_path) == 2
     err = one_line_error(capsys)
     assert err.startswith("sagrt generate: error: ")
-    import re
-
     assert re.search(message, err), err
     assert "sagrt export --model tiny --out" in err and "--force" in err
     assert not (tmp_path / "images").exists()
