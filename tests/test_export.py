@@ -202,3 +202,27 @@ def test_tensorrt_check_reports_unsupported_ops_and_attributes():
                              ("fused", "FusedGemm")}
     assert "mode='cubic'" in findings[("resize", "Resize")]
     assert "dilations" in findings[("pool", "MaxPool")] and "com.microsoft" in findings[("fused", "FusedGemm")]
+
+
+def test_other_sag_layer_is_exported_and_matches(tiny, tmp_path):
+    from sagrt.engine.onnxruntime_runner import OrtRunners
+
+    layer = "up_blocks.0.attentions.1.transformer_blocks.0.attn1"
+    folder = export_model(tiny, tmp_path / "layer", sag_layer=layer, progress=False)
+    runners = OrtRunners(folder, ["cpu"])
+    assert runners.manifest["sag_layer"] == layer and runners.info.sag_layer == layer
+    gen = torch.Generator().manual_seed(8)
+    sample, context = torch.randn(2, 4, 7, 10, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    noise, score = runners.unet(sample, torch.tensor(250), context)
+    with torch.no_grad():
+        noise_ref, score_ref = TorchRunners(tiny, sag_layer=layer).unet(sample, torch.tensor(250), context)
+    assert score.shape == score_ref.shape == (2, 4, 5)
+    assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
+
+
+def test_export_command_refuses_a_layer_that_is_not_self_attention(tmp_path, capsys):
+    from sagrt.runtime.cli import main
+
+    assert main(["export", "--model", "tiny", "--out", str(tmp_path / "x"), "--sag-layer", "mid_block.attn2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a self-attention layer" in err
