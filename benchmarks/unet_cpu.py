@@ -54,6 +54,11 @@ def transformers_optimized(export_dir: Path, out_dir: Path) -> Path:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="sagrt-bench-") as work:
+        benchmark(Path(work))
+
+
+def benchmark(work: Path) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size / 8)")
@@ -77,7 +82,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     components = build_preset(args.model)
-    work = Path(tempfile.mkdtemp(prefix="sagrt-bench-"))
     export_dir = export_model(components, work / "onnx", progress=False)
     if args.ort_optimizer:
         export_dir = transformers_optimized(export_dir, work / "onnx-optimized")
