@@ -22,13 +22,26 @@ def default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_backend(backend: str) -> str:
+    """auto -> tensorrt when TensorRT and a GPU are usable here, else onnxruntime."""
+    if backend != "auto":
+        return backend
+    from sagrt.engine.tensorrt_build import tensorrt_missing
+
+    return "onnxruntime" if tensorrt_missing() else "tensorrt"
+
+
 def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=True, sag_layer=MID_BLOCK_LAYER,
          **options):
     """Returns (runners, tokenizer, scheduler, ModelInfo, (safety_checker, feature_extractor))."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "torch"
+    backend = resolve_backend(backend)
+    if backend == "tensorrt":
+        from sagrt.engine.tensorrt_runner import load_backend
+
+        # precision is the engines' (sagrt build --precision); dtype only concerns the torch backend
+        return load_backend(model, device=device, safety_checker=safety_checker, sag_layer=sag_layer, **options)
     if backend != "torch":
         raise BackendError(f"backend {backend!r} is not available in this build")
     if options:

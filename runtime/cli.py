@@ -14,6 +14,7 @@ from sagrt.errors import SagrtError
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
+    "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
 }
 
 

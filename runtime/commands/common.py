@@ -25,6 +25,8 @@ def add_model_arguments(parser, backends=BACKENDS):
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
+    parser.add_argument("--engine-dir", default=None, metavar="DIR",
+                        help="tensorrt backend: engines from `sagrt build --out DIR` (default: build on first use)")
 
 
 def add_sampling_arguments(parser):
@@ -58,6 +60,8 @@ def load_pipeline(args, **backend_options):
     from sagrt.runtime.pipeline import SAGPipeline
     from sagrt.runtime.schedulers import make_scheduler
 
+    if getattr(args, "engine_dir", None):
+        backend_options.setdefault("engine_dir", args.engine_dir)
     pipe = SAGPipeline.from_pretrained(args.model, backend=args.backend, device=args.device,
                                        torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
                                        **backend_options)
