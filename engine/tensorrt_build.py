@@ -53,11 +53,16 @@ def tensorrt_missing() -> list[str]:
     else:
         if _version(tensorrt.__version__) < TENSORRT_MIN:
             reasons.append(f"TensorRT {tensorrt.__version__} is older than {'.'.join(map(str, TENSORRT_MIN))}")
+    return reasons + [reason for reason in [cuda_missing()] if reason]
+
+
+def cuda_missing() -> str | None:
+    """Why torch cannot run on a CUDA GPU here; None when it can."""
     if torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    elif not torch.cuda.is_available():
-        reasons.append("no CUDA GPU is visible to torch")
-    return reasons
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
 
 
 def require_tensorrt(what: str):

@@ -9,6 +9,7 @@ shapes, each engine captures one CUDA graph per input shape (the UNet: B and 2B)
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,6 +269,17 @@ class TensorRTRunners(Runners):
         self.device_memory = None
 
 
+def check_model(manifest: dict, model, engine_dir) -> None:
+    """Engines answer for the model they were built from, not for whatever --model names."""
+    from sagrt.export.models import PRESETS
+
+    # a model's source is its preset name, or its folder's resolved path (export/models.py)
+    built, asked = str(manifest["model_source"]), str(model) if str(model) in PRESETS else str(Path(model).resolve())
+    if built != asked:
+        raise EngineError(f"the engines in {engine_dir} were built for model {built!r}, not {asked!r}: build "
+                          f"engines for it with: sagrt build --model {shlex.quote(str(model))} --out NEW_DIR")
+
+
 def load_tokenizer_scheduler(folder: Path):
     """The tokenizer and scheduler saved beside the engines (copied from the export)."""
     import diffusers
@@ -294,6 +306,7 @@ def load_backend(model, device=None, safety_checker=True, sag_layer=None, engine
         engine_dir = build_for_model(model, build or BuildConfig(), sag_layer=sag_layer or MID_BLOCK_LAYER,
                                      progress=progress)
     runners = TensorRTRunners(engine_dir, device or "cuda", cuda_graph)
+    check_model(runners.manifest, model, engine_dir)
     tokenizer, scheduler = load_tokenizer_scheduler(Path(engine_dir))
     checker = (None, None)
     folder = Path(str(runners.manifest["model_source"]))

@@ -437,3 +437,48 @@ def test_cuda_graph_replay_matches_plain_execution(tiny, tmp_path):
                                                        for b in graphed.engines["unet"].bindings.values())
     for run in runs:
         torch.testing.assert_close(run, expected)
+
+
+def test_engines_answer_only_for_their_model(tmp_path):
+    from sagrt.engine.tensorrt_runner import check_model
+
+    check_model({"model_source": "tiny"}, "tiny", tmp_path)
+    check_model({"model_source": str(tmp_path.resolve())}, str(tmp_path), tmp_path)
+    with pytest.raises(EngineError, match=r"built for model 'tiny', not 'sd15': build engines for it with: "
+                                          r"sagrt build --model sd15 --out NEW_DIR"):
+        check_model({"model_source": "tiny"}, "sd15", tmp_path)
+
+
+def load_gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_psnr_of_gpu_check():
+    import numpy as np
+
+    psnr = load_gpu_check().psnr
+    image = np.random.default_rng(0).random((1, 8, 8, 3))
+    assert psnr(image, image) == float("inf")
+    assert abs(psnr(image + 0.01, image) - 40.0) < 1e-9  # mse 1e-4 -> 40 dB
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the real check")
+def test_gpu_check_records_skipped_steps_with_reasons(tmp_path):
+    import json
+
+    report_path = tmp_path / "check.json"
+    assert load_gpu_check().main(["--presets", "tiny", "--json", str(report_path),
+                                  "--work-dir", str(tmp_path / "work")]) == 0
+    report = json.loads(report_path.read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert [s["status"] for s in report["steps"]] == ["skipped"] * 4
+    assert "TensorRT is not installed" in steps["export + build fp16 engines"]["reason"]
+    assert steps["parity tensorrt vs torch"]["reason"] == "no torch image (skipped); no tensorrt image (skipped)"
+    assert all(s["results"] == {} for s in report["steps"])  # nothing reported that was not measured
+    assert report["machine"]["tensorrt"] is None
