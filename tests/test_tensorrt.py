@@ -449,20 +449,17 @@ def test_engines_answer_only_for_their_model(tmp_path):
         check_model({"model_source": "tiny"}, "sd15", tmp_path)
 
 
-def load_gpu_check():
-    import importlib.util
+def load_gpu_check() -> dict:
+    """benchmarks/gpu_check.py's globals (it is a script, not a package module)."""
+    import runpy
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"), run_name="gpu_check")
 
 
 def test_psnr_of_gpu_check():
     import numpy as np
 
-    psnr = load_gpu_check().psnr
+    psnr = load_gpu_check()["psnr"]
     image = np.random.default_rng(0).random((1, 8, 8, 3))
     assert psnr(image, image) == float("inf")
     assert abs(psnr(image + 0.01, image) - 40.0) < 1e-9  # mse 1e-4 -> 40 dB
@@ -473,7 +470,7 @@ def test_gpu_check_records_skipped_steps_with_reasons(tmp_path):
     import json
 
     report_path = tmp_path / "check.json"
-    assert load_gpu_check().main(["--presets", "tiny", "--json", str(report_path),
+    assert load_gpu_check()["main"](["--presets", "tiny", "--json", str(report_path),
                                   "--work-dir", str(tmp_path / "work")]) == 0
     report = json.loads(report_path.read_text())
     steps = {s["name"]: s for s in report["steps"]}
