@@ -14,6 +14,7 @@ import shlex
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,10 +291,13 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
     logger = trt.Logger(trt.Logger.WARNING)
     engine_files = {}
     for network, profile in plan.profiles.items():
-        path = engine_dir / plan.engine_file(network)
+        path, start = engine_dir / plan.engine_file(network), time.perf_counter()
         build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config, timing_cache,
                      progress)
-        engine_files[network] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        engine_files[network] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                                 "build_seconds": round(time.perf_counter() - start, 1)}
+        if progress:
+            print(f"built {path.name}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
     for folder in COPIED_FOLDERS:
         copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
     write_manifest(engine_dir, plan.manifest(engine_dir, engine_files))

@@ -215,6 +215,9 @@ class TensorRTRunners(Runners):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest = read_engine_manifest(self.engine_dir)
         self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise EngineError(f"the tensorrt backend runs on CUDA devices, not {self.device}: drop --device or "
+                              "pass --device cuda:N")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         check_platform(manifest, this_platform(trt, self.device.index), self.engine_dir)
