@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -91,7 +92,7 @@ class Engine:
     name: str
     path: Path
     profile: dict[str, list]  # input -> [min, opt, max] shape
-    shape_error: object = None  # callable(shapes) -> rebuild command, for the out-of-profile message
+    rebuild: Callable[[dict], str] = lambda shapes: "sagrt build --force"  # command for an out-of-profile call
     cuda_graph: bool = False
     state: str = "new"
     trt: object = None
@@ -138,7 +139,7 @@ class Engine:
     # 3. allocate: a context and I/O tensors for one set of input shapes
     def allocate(self, shapes: dict[str, tuple]) -> ShapeBinding:
         self._require("active", "allocate")
-        check_shapes(self.name, shapes, self.profile, lambda: self.shape_error(shapes))
+        check_shapes(self.name, shapes, self.profile, lambda: self.rebuild(shapes))
         # contexts share the device memory; each keeps its own shapes, so a CUDA graph never sees another's
         context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())

@@ -332,6 +332,10 @@ def test_engine_life_cycle_is_state_checked(tmp_path):
     assert engine.state == "active"
     with pytest.raises(EngineStateError, match=r"inputs \['sample'\] given, expects \['latent'\]"):
         engine.infer({"sample": torch.zeros(1, 4, 8, 8)}, stream=None)
+    # the profile check comes before any TensorRT call (the fake engine has no create_execution_context)
+    with pytest.raises(ProfileError, match=r"vae_decoder: latent shape \(8, 4, 8, 8\) is outside the built profile "
+                                           r"\(1, 4, 4, 4\)..\(4, 4, 16, 16\); .*: sagrt build --force"):
+        engine.infer({"latent": torch.zeros(8, 4, 8, 8)}, stream=None)
     engine.deactivate()
     assert engine.state == "loaded" and engine.device_memory is None
     with pytest.raises(EngineStateError, match=r"deactivate\(\) needs the engine active"):
