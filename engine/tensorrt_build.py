@@ -241,6 +241,8 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
 
     build_config = builder.create_builder_config()
     build_config.builder_optimization_level = config.optimization_level
+    if config.precision == "fp32":
+        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
     if config.workspace_gib:
         build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
     optimization_profile = builder.create_optimization_profile()
@@ -252,7 +254,8 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
         # a cache from another GPU or TensorRT: start from an empty one rather than use foreign tactics
         build_config.set_timing_cache(build_config.create_timing_cache(b""), ignore_mismatch=False)
     display = BuildProgress(f"build {network_name}", enabled=progress)
-    build_config.progress_monitor = progress_monitor(trt, display)
+    monitor = progress_monitor(trt, display)  # held here: TensorRT keeps no Python reference to it
+    build_config.progress_monitor = monitor
     try:
         plan = builder.build_serialized_network(network, build_config)
     finally:

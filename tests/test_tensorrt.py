@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import relative_error
 from sagrt.engine.profiles import (BuildConfig, BuildConfigError, ProfileError, Range, build_profiles, cache_key,
                                    check_shapes, engine_filename)
 from sagrt.engine.tensorrt_build import (BuildError, BuildPlan, BuildProgress, check_output_dtypes, rebuild_command,
@@ -231,7 +232,6 @@ def test_shape_outside_the_profile_names_tensor_and_covering_build(export_dir, t
                               "(1, 4, 4, 4)..(8, 4, 16, 16); rebuild with ranges that cover it: sagrt build")
     # 16 = 2B needs B up to 8; a latent width of 24 is 192 pixels
     assert "--batch 1:1:8 --height 32:64:128 --width 32:64:192" in message
-    wider = BuildConfig.from_dict(manifest["build_config"])
     command = shlex.split(message.split("cover it: ")[1])
     from sagrt.runtime.cli import build_parser
     from sagrt.runtime.commands.build import build_config
@@ -393,9 +393,17 @@ def tiny_engines(tmp_path_factory):
     return build_for_model("tiny", config, tmp_path_factory.mktemp("engines"), progress=False)
 
 
+@pytest.fixture
+def no_tf32():
+    """Full fp32 convolutions in torch for the duration of a test (cuDNN allows TF32 by default)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.mark.gpu
-def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines):
-    from conftest import relative_error
+def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
     from sagrt.engine.tensorrt_runner import TensorRTRunners
     from sagrt.runtime.runners import TorchRunners
 
