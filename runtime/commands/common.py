@@ -31,6 +31,8 @@ def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
+    parser.add_argument("--engine-dir", default=None, metavar="DIR",
+                        help="tensorrt backend: engines from `sagrt build --out DIR` (default: build on first use)")
 
 
 def add_sampling_arguments(parser):
@@ -61,12 +63,11 @@ def sag_config(args) -> SAGConfig:
 
 
 def backend_options(args, backend: str) -> dict:
-    """Options of the onnxruntime backend given on the command line, for that backend only."""
+    """Options of the chosen backend given on the command line, for that backend only."""
     from sagrt.runtime.backends import resolve_auto
 
-    options = {"providers": args.provider, "export_dir": args.export_dir}
-    if resolve_auto(backend) != "onnxruntime":
-        return {}
+    options = {"onnxruntime": {"providers": args.provider, "export_dir": args.export_dir},
+               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(resolve_auto(backend), {})
     return {key: value for key, value in options.items() if value is not None}
 
 
