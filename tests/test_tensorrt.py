@@ -375,11 +375,11 @@ def test_generate_with_tensorrt_backend_fails_before_any_work(capsys, tmp_path):
 
 @needs_no_tensorrt
 def test_auto_backend_falls_back_to_onnxruntime_here():
-    from sagrt.runtime.backends import resolve_backend
+    from sagrt.runtime.backends import resolve_auto
 
     assert tensorrt_missing()
-    assert resolve_backend("auto") == "onnxruntime"
-    assert resolve_backend("torch") == "torch" and resolve_backend("tensorrt") == "tensorrt"
+    assert resolve_auto("auto") == "onnxruntime"
+    assert resolve_auto("torch") == "torch" and resolve_auto("tensorrt") == "tensorrt"
 
 
 # ---- GPU: real engines (need CUDA, TensorRT and the ONNX export) ---------------------------------------------
