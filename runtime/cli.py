@@ -14,6 +14,7 @@ from sagrt.errors import SagrtError
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
+    "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
 }
 
 
