@@ -2,8 +2,9 @@
 
 Invariants (1e-5 relative):
 (a) sag_scale 0 equals diffusers' StableDiffusionPipeline (plain CFG);
-(b) with a mask that is empty (threshold inf) the degraded input and prediction equal the undegraded ones and the
-    output equals plain CFG; diffusers' own re-noising fails this for sigma schedulers and Karras sigmas;
+(b) with a mask that is empty (threshold inf) the degraded input and prediction equal the undegraded ones at every
+    call and the output equals plain CFG (prediction_type 'sample': 1e-4, see SAMPLE_OUTPUT_BOUND); diffusers' own
+    re-noising fails this for sigma schedulers and Karras sigmas;
 (c) where diffusers' SAG pipeline accepts the scheduler (integer timesteps), sagrt matches it.
 """
 
@@ -160,8 +161,8 @@ def test_a_unsupported_prediction_type_is_refused(tiny, name, prediction_type):
     with pytest.raises(SchedulerError, match=rf"does not support prediction_type '{prediction_type}' \(it supports "
                                              r"epsilon, v_prediction\)"):
         make_scheduler(name, tiny.scheduler.config, prediction_type=prediction_type)
-    from diffusers import StableDiffusionPipeline
     import diffusers
+    from diffusers import StableDiffusionPipeline
 
     scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(tiny.scheduler.config, prediction_type=prediction_type)
     with pytest.raises((NotImplementedError, ValueError), match="(?i)sample"):
@@ -272,7 +273,8 @@ def test_dpm_sde_without_torchsde(tmp_path):
             f"'--width', '64', '--out', {str(tmp_path / 'out')!r}]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("sagrt")]
-    assert lines == ["sagrt generate: error: scheduler 'dpm-sde' needs torchsde, which is not installed: "
-                     "pip install torchsde " + lines[0].split("pip install torchsde ", 1)[1]]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sagrt")]  # not library warnings
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sagrt generate: error: scheduler 'dpm-sde' needs torchsde, which is not installed: "
+                               "pip install torchsde")
     assert not (tmp_path / "out").exists()
