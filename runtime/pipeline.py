@@ -58,13 +58,6 @@ class SAGConfig:
     def active(self, step: int, num_steps: int) -> bool:
         return self.window[0] <= step / num_steps < self.window[1]
 
-    def check_latent_size(self, height: int, width: int):
-        """The blur's reflect padding needs kernel // 2 < the latent's shorter side."""
-        side = min(height, width)
-        if self.blur_kernel // 2 >= side:
-            raise InputError(f"SAG blur kernel {self.blur_kernel} is too large for a {height}x{width} latent: "
-                             f"use --sag-blur-kernel {2 * side - 1} or less")
-
 
 @dataclass
 class Timings:
@@ -232,8 +225,6 @@ class SAGPipeline:
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(self.device, self.runners.dtype) * scheduler.init_noise_sigma
-        if do_sag:
-            sag.check_latent_size(*shape[-2:])
         step_kwargs = self._step_kwargs(generator, eta)
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
 
