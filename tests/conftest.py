@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ def relative_error(a, b) -> float:
     norm = b.norm().item()
     assert norm > 0, "reference is all zeros"
     return (a - b).norm().item() / norm
+
+
+def diffusers_pipeline(cls, tiny, scheduler):
+    """A diffusers pipeline class (StableDiffusionSAGPipeline, StableDiffusionPipeline) over the tiny modules."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = cls(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,16 @@
 """The torch backend against diffusers' own pipelines: fp32 CPU, same generator, 1e-5 relative."""
 
-import warnings
 
 import pytest
 import torch
 
-from conftest import relative_error
+from conftest import diffusers_pipeline, relative_error
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.runners import ModelInfo, TorchRunners
 from sagrt.runtime.schedulers import make_scheduler
 
 BOUND = 1e-5
 PROMPTS = ["a photo of a cat", "a painting of a horse"]
-
-
-def diffusers_pipeline(cls, tiny, scheduler):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = cls(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sagrt_pipeline(tiny, scheduler):

@@ -11,7 +11,6 @@ Invariants (1e-5 relative):
 import importlib.util
 import subprocess
 import sys
-import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
-from conftest import relative_error
+from conftest import diffusers_pipeline, relative_error
 from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.pipeline import SAGConfig
@@ -79,15 +78,6 @@ def scheduler_for(tiny, case, prediction_type):
 
 def sagrt_pipeline(tiny, scheduler):
     pipe = SAGPipeline(SpyRunners(TorchRunners(tiny)), tiny.tokenizer, scheduler, ModelInfo.of(tiny))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def diffusers_pipeline(cls, tiny, scheduler):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = cls(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
