@@ -14,6 +14,7 @@ from sagrt.errors import SagrtError
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
+    "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
 }
 
 
