@@ -59,6 +59,7 @@ class BenchConfig:
     batch: int = 1
     repeats: int = 3
     warmup: int = 1
+    cfg_repeats: int | None = None  # sag_scale=0 runs for the SAG overhead; None: as many as repeats
     guidance_scale: float = 7.5
     sag_scale: float = 0.75
     scheduler: str | None = None
@@ -79,9 +80,16 @@ class BenchConfig:
             if height <= 0 or width <= 0 or height % 8 or width % 8:
                 raise BenchError(f"size {height}x{width} must be positive multiples of 8, e.g. 64x64")
         for name, value, least in (("steps", self.steps, 1), ("batch", self.batch, 1), ("repeats", self.repeats, 1),
-                                   ("warmup", self.warmup, 0)):
+                                   ("warmup", self.warmup, 0), ("cfg-repeats", self.cfg_repeats or 0, 0)):
             if value < least:
                 raise BenchError(f"--{name} must be >= {least}, got {value}")
+
+    @property
+    def cfg_runs(self) -> int:
+        """How many sag_scale=0 runs measure the SAG overhead (none when SAG is off anyway)."""
+        if self.sag_scale <= 0:
+            return 0
+        return self.repeats if self.cfg_repeats is None else self.cfg_repeats
 
     def command(self) -> str:
         """The `sagrt bench` command line that reproduces this measurement."""
@@ -90,6 +98,8 @@ class BenchConfig:
                  "--batch", str(self.batch), "--repeats", str(self.repeats), "--warmup", str(self.warmup),
                  "--guidance-scale", f"{self.guidance_scale:g}", "--sag-scale", f"{self.sag_scale:g}",
                  "--seed", str(self.seed)]
+        if self.cfg_repeats is not None:
+            parts += ["--cfg-repeats", str(self.cfg_repeats)]
         if self.scheduler:
             parts += ["--scheduler", self.scheduler]
         if self.device:
@@ -102,7 +112,7 @@ class BenchConfig:
         """What one worker process measures."""
         case = asdict(self)
         del case["backends"], case["sizes"]
-        return dict(case, backend=backend, height=size[0], width=size[1])
+        return dict(case, backend=backend, height=size[0], width=size[1], cfg_runs=self.cfg_runs)
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -360,13 +370,19 @@ def measure(case: dict, progress=print) -> dict:
             sag_runs.append(numbers)
             progress(f"{label}: SAG run {i + 1}/{case['repeats']} {numbers['total_s']:.2f} s")
         cfg_runs = []
-        for i in range(case["repeats"] if case["sag_scale"] > 0 else 0):
+        for i in range(case["cfg_runs"]):
             numbers, _, _ = run_once(pipe, log, case, 0.0)
             cfg_runs.append(numbers)
-            progress(f"{label}: sag_scale=0 run {i + 1}/{case['repeats']} {numbers['total_s']:.2f} s")
+            progress(f"{label}: sag_scale=0 run {i + 1}/{case['cfg_runs']} {numbers['total_s']:.2f} s")
     result = summarize(sag_runs, case["batch"])
-    cfg_step_ms = summarize(cfg_runs, case["batch"])["step_ms"] if cfg_runs else result["step_ms"]
-    result.update(cfg_step_ms=cfg_step_ms, sag_overhead=result["step_ms"] / cfg_step_ms, load_s=load_s,
+    if cfg_runs:
+        cfg_step_ms = summarize(cfg_runs, case["batch"])["step_ms"]
+        sag_overhead = result["step_ms"] / cfg_step_ms
+    elif case["sag_scale"] <= 0:
+        cfg_step_ms, sag_overhead = result["step_ms"], 1.0  # the runs are CFG-only already
+    else:
+        cfg_step_ms = sag_overhead = None  # not measured (--cfg-repeats 0)
+    result.update(cfg_step_ms=cfg_step_ms, sag_overhead=sag_overhead, load_s=load_s,
                   peak_rss_mb=peak_rss_mb(), load_peak_rss_mb=load_peak,
                   rss_scope="runs (high-water reset after load)" if run_scoped else "process lifetime",
                   device=str(device))

@@ -23,6 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=1, help="images per prompt (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default: 1)")
+    parser.add_argument("--cfg-repeats", type=int, default=None, metavar="N",
+                        help="timed sag_scale=0 runs for the SAG overhead (default: as --repeats; 0 skips it)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     parser.add_argument("--sag-scale", type=float, default=0.75, help="self-attention guidance (default: 0.75)")
     parser.add_argument("--scheduler", default=None, metavar="NAME",
@@ -37,7 +39,7 @@ def add_arguments(parser):
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(model=args.model, backends=tuple(name.strip() for name in args.backends.split(",") if name),
                        sizes=parse_sizes(args.size), steps=args.steps, batch=args.batch, repeats=args.repeats,
-                       warmup=args.warmup, guidance_scale=args.guidance_scale, sag_scale=args.sag_scale,
+                       warmup=args.warmup, cfg_repeats=args.cfg_repeats, guidance_scale=args.guidance_scale, sag_scale=args.sag_scale,
                        scheduler=args.scheduler, seed=args.seed, prompt=args.prompt, device=args.device)
 
 

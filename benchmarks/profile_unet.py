@@ -1,0 +1,112 @@
+"""Where one SAG step's UNet time goes, by operator: ONNX Runtime's node profile of sagrt's exported UNet and
+torch.profiler on the eager diffusers UNet, both for one step's calls (batch 2B for CFG, B for the degraded pass).
+
+    python benchmarks/profile_unet.py --model small --size 256x256 [--calls 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+TOP = 8
+
+
+def step_inputs(height: int, width: int, batch: int, context_dim: int, seed: int = 0):
+    """One SAG step's two UNet calls at real scale: (sample, timestep, context) at 2B, then at B."""
+    gen = torch.Generator().manual_seed(seed)
+    calls = []
+    for b in (2 * batch, batch):
+        calls.append((torch.randn(b, 4, height // 8, width // 8, generator=gen), torch.tensor([500.0]),
+                      torch.randn(b, 77, context_dim, generator=gen)))
+    return calls
+
+
+def ort_profile(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> dict:
+    """Node time by ONNX op type per SAG step, from a profiled session over sagrt's exported UNet graph."""
+    import onnxruntime as ort
+
+    from sagrt.runtime.pipeline import SAGPipeline
+
+    runners = SAGPipeline.from_pretrained(model, backend="onnxruntime", device="cpu", safety_checker=False).runners
+    graph = Path(runners.export_dir) / runners.specs["unet"].filename
+    with tempfile.TemporaryDirectory(prefix="sagrt-ort-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as OrtRunners' default
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "unet")
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        context_dim = session.get_inputs()[2].shape[-1]
+        inputs = step_inputs(height, width, batch, context_dim)
+        feeds = [dict(sample=s.numpy(), timestep=t.numpy(), encoder_hidden_states=c.numpy()) for s, t, c in inputs]
+        for feed in feeds:  # warm-up, left out below
+            session.run(None, feed)
+        start = time.perf_counter()
+        for _ in range(calls):
+            for feed in feeds:
+                session.run(None, feed)
+        wall = (time.perf_counter() - start) / calls
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[len(feeds):]
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in runs]
+    by_op = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and \
+                any(a <= e["ts"] <= b for a, b in windows):
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / calls  # us -> ms per step
+    return dict(engine="onnxruntime (CPU EP)", step_ms=wall * 1e3, ops=dict(by_op), calls_per_step=len(feeds))
+
+
+def torch_profile(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> dict:
+    """Self CPU time by aten op per SAG step, eager diffusers UNet (the baseline's)."""
+    from sagrt.export.models import load_model
+
+    unet = load_model(model, safety_checker=False).unet
+    inputs = step_inputs(height, width, batch, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        for s, t, c in inputs:
+            unet(s, t, encoder_hidden_states=c)
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                for s, t, c in inputs:
+                    unet(s, t, encoder_hidden_states=c)
+        wall = (time.perf_counter() - start) / calls
+    ops = {e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    return dict(engine="diffusers eager (torch CPU)", step_ms=wall * 1e3, ops=ops, calls_per_step=len(inputs))
+
+
+def op_table(profile: dict, top: int = TOP) -> str:
+    """Markdown: the `top` ops by time per step, their share of all op time, and the rest summed."""
+    total = sum(profile["ops"].values())
+    ranked = sorted(profile["ops"].items(), key=lambda item: -item[1])
+    lines = [f"{profile['engine']}: UNet calls of one step (2B + B) {profile['step_ms']:.1f} ms wall "
+             f"(profiling on), op time {total:.1f} ms", "", "| op | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.1f} | {ms / total:.0%} |" for name, ms in ranked[:top]]
+    rest = sum(ms for _, ms in ranked[top:])
+    if rest:
+        lines.append(f"| (other {len(ranked) - top} ops) | {rest:.1f} | {rest / total:.0%} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=3, help="profiled steps (default: 3)")
+    args = parser.parse_args()
+    height, width = (int(side) for side in args.size.split("x"))
+    for profile in (ort_profile(args.model, height, width, args.batch, args.calls),
+                    torch_profile(args.model, height, width, args.batch, args.calls)):
+        print(op_table(profile) + "\n")
+
+
+if __name__ == "__main__":
+    main()

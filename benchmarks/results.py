@@ -1,0 +1,201 @@
+"""Measures and writes benchmarks/RESULTS.md: sagrt's onnxruntime backend against eager diffusers on this CPU.
+
+    python benchmarks/results.py                       # measure all (about 8 min on 2 quiet cores), write RESULTS.md
+    python benchmarks/results.py --only headline-tiny  # re-measure some runs, keep the others' JSON
+    python benchmarks/results.py --report-only         # rewrite RESULTS.md from benchmarks/results/*.json
+
+Every run is a `sagrt bench` (its command is printed with its table); raw numbers go to benchmarks/results/.
+Run it on a quiet machine: the page records the load average at the start and end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sagrt.export.artifacts import write_bytes_atomic
+from sagrt.runtime.benchmark import BASELINE, BenchConfig, markdown, run_bench
+
+HERE = Path(__file__).resolve().parent
+BACKEND = "onnxruntime"
+HEADLINE = dict(backends=(BACKEND,), steps=20, guidance_scale=7.5, sag_scale=0.75)
+SWEEP = dict(backends=(BACKEND,), steps=4, guidance_scale=7.5, sag_scale=0.75, repeats=2, warmup=1, cfg_repeats=0)
+# name -> what `sagrt bench` measures. small at 20 steps costs most: 3 repeats (not 5) keep the whole script
+# within about 8 minutes on 2 cores; the sweeps time 4 steps, enough for a per-step cost.
+RUNS = {
+    "headline-tiny": BenchConfig(model="tiny", sizes=((64, 64), (128, 128)), repeats=5, warmup=1, **HEADLINE),
+    "headline-small": BenchConfig(model="small", sizes=((256, 256),), repeats=3, warmup=1, cfg_repeats=2, **HEADLINE),
+    "scaling-pixels": BenchConfig(model="small", sizes=((128, 128), (192, 192), (256, 256), (320, 320)), **SWEEP),
+    **{f"scaling-batch{b}": BenchConfig(model="small", sizes=((128, 128),), batch=b, **SWEEP) for b in (1, 2, 4)},
+}
+TARGETS = (  # (what, run, size, key, comparison, target)
+    ("onnxruntime end to end vs diffusers, tiny 64x64", "headline-tiny", (64, 64), "speedup_end_to_end", ">=", 4.0),
+    ("onnxruntime end to end vs diffusers, small 256x256", "headline-small", (256, 256), "speedup_end_to_end", ">=",
+     1.4),
+    ("onnxruntime loop overhead (step - UNet) / step, small 256x256", "headline-small", (256, 256), "loop_overhead",
+     "<", 0.03),
+)
+
+
+def prepare(models) -> None:
+    """Exports each model to ONNX once, so no measured process pays for (or keeps memory of) an export."""
+    for model in sorted(models):
+        subprocess.run([sys.executable, "-m", "sagrt.runtime.cli", "export", "--model", model], check=True)
+
+
+def measure(names: list[str], out: Path, label: str | None) -> None:
+    prepare({RUNS[name].model for name in names})
+    for name in names:
+        start = time.perf_counter()
+        report = run_bench(RUNS[name], progress=lambda line: print(line, file=sys.stderr, flush=True))
+        report["label"] = label
+        report["wall_s"] = time.perf_counter() - start
+        write_bytes_atomic(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
+        print(f"{name}: {report['wall_s']:.0f} s", file=sys.stderr, flush=True)
+
+
+def row(report: dict, backend: str, size=None) -> dict:
+    return next(r for r in report["results"] if r["backend"] == backend and (size is None or
+                                                                          (r["height"], r["width"]) == tuple(size)))
+
+
+def verdict(value: float, comparison: str, target: float) -> str:
+    """'met', or by how much the target is missed."""
+    if comparison == ">=":
+        return "met" if value >= target else f"missed: {value / target:.0%} of the target ({target / value:.2f}x short)"
+    met = value < target if comparison == "<" else value <= target
+    return "met" if met else f"missed: {value / target:.2f}x the limit"
+
+
+def targets_table(reports: dict) -> str:
+    lines = ["| target | measured | needed | verdict |", "|---|---|---|---|"]
+    for what, name, size, key, comparison, target in TARGETS:
+        if name not in reports:
+            lines.append(f"| {what} | not measured | {comparison} {target:g} | |")
+            continue
+        value = row(reports[name], BACKEND, size)[key]
+        shown = (lambda v: f"{v:.2f}x") if key.startswith("speedup") else (lambda v: f"{v:.1%}")
+        lines.append(f"| {what} | {shown(value)} | {comparison} {shown(target)} | {verdict(value, comparison, target)} |")
+    for name in ("headline-tiny", "headline-small"):
+        for r in (r for r in reports.get(name, {}).get("results", []) if r["backend"] == BACKEND):
+            lines.append(f"| onnxruntime peak RSS vs diffusers, {reports[name]['config']['model']} "
+                         f"{r['height']}x{r['width']} | {r['peak_rss_mb']:.0f} MB ({r['memory_ratio']:.2f}x) | "
+                         f"<= 1.00x | {verdict(r['memory_ratio'], '<=', 1.0)} |")
+    return "\n".join(lines)
+
+
+def breakdown(report: dict, size) -> str:
+    """Per step, where the time goes, from the bench's own stage timing (median runs)."""
+    lines = ["| backend | step ms | UNet 2B ms | UNet B ms | rest of the loop ms | text ms | VAE ms |",
+             "|---|---|---|---|---|---|---|"]
+    for backend in (BASELINE, BACKEND):
+        r = row(report, backend, size)
+        rest = r["step_ms"] * r["loop_overhead"]
+        lines.append(f"| {backend} | {r['step_ms']:.1f} | {r['unet_2b_ms']:.1f} | {r['unet_b_ms']:.1f} | {rest:.1f} | "
+                     f"{r['text_ms']:.1f} | {r['vae_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def scaling_pixels(report: dict) -> str:
+    lines = ["| size | latent pixels | diffusers step ms | onnxruntime step ms | onnxruntime us per latent pixel | "
+             "speedup per step |", "|---|---|---|---|---|---|"]
+    for r in (r for r in report["results"] if r["backend"] == BACKEND):
+        base = row(report, BASELINE, (r["height"], r["width"]))
+        lines.append(f"| {r['height']}x{r['width']} | {r['latent_pixels']} | {base['step_ms']:.1f} | {r['step_ms']:.1f} | "
+                     f"{r['step_ms'] * 1e3 / r['latent_pixels']:.1f} | {r['speedup_step']:.2f}x |")
+    return "\n".join(lines)
+
+
+def scaling_batch(reports: list[dict]) -> str:
+    lines = ["| batch | diffusers step ms | onnxruntime step ms | onnxruntime ms per image-step | speedup per step |",
+             "|---|---|---|---|---|"]
+    for report in reports:
+        r, base = row(report, BACKEND), row(report, BASELINE)
+        lines.append(f"| {r['batch']} | {base['step_ms']:.1f} | {r['step_ms']:.1f} | {r['step_ms'] / r['batch']:.1f} | "
+                     f"{r['speedup_step']:.2f}x |")
+    return "\n".join(lines)
+
+
+def setup_lines(report: dict) -> str:
+    env = report["environment"]
+    return (f"`{report['command']}` — {env['date']}, {env['machine']} ({env['cores']} cores), load average "
+            f"{env['load_average'][0]:.2f} at start / {env.get('load_average_end', [float('nan')])[0]:.2f} at end")
+
+
+def page(reports: dict, profile_text: str | None) -> str:
+    any_report = next(iter(reports.values()))
+    env = any_report["environment"]
+    labels = sorted({r.get("label") or "" for r in reports.values()} - {""})
+    parts = ["# sagrt benchmark results (CPU)", "",
+             f"Written by `python benchmarks/results.py`. Machine: {env['machine']}, {env['cores']} cores, no GPU. "
+             f"Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
+             ""]
+    if labels:
+        parts += ["**" + "; ".join(labels) + "**", ""]
+    parts += ["Baseline: diffusers' `StableDiffusionSAGPipeline`, eager PyTorch, built from the same modules, same "
+              "prompt, seed, DDIM scheduler, guidance 7.5 and sag_scale 0.75. Each backend is measured in its own "
+              "process; warm-up runs are excluded and every number is the median of the repeats (the sweeps time 4 "
+              "steps with 2 repeats; small at 20 steps uses 3 repeats and 2 sag_scale=0 runs to fit the time budget). "
+              "Peak RSS is the process's high-water mark during the runs (reset after loading).", "",
+              "## Targets", "", targets_table(reports), ""]
+    if "headline-small" in reports:
+        parts += ["## Where the time goes: small 256x256, per step", "", breakdown(reports["headline-small"],
+                                                                                   (256, 256)), ""]
+    if profile_text:
+        parts += ["Operator profile of one step's UNet calls (`python benchmarks/profile_unet.py --model small "
+                  "--size 256x256`):", "", profile_text, ""]
+    parts += ["## onnxruntime vs eager diffusers", ""]
+    for name in ("headline-tiny", "headline-small"):
+        if name in reports:
+            parts += [markdown(reports[name], title=f"{reports[name]['config']['model']}, 20 steps")
+                      .replace("## ", "### "), ""]
+    parts += ["## Scaling", ""]
+    if "scaling-pixels" in reports:
+        parts += ["### Per-step cost vs latent pixels (small, batch 1)", "", setup_lines(reports["scaling-pixels"]),
+                  "", scaling_pixels(reports["scaling-pixels"]), ""]
+    batches = [reports[f"scaling-batch{b}"] for b in (1, 2, 4) if f"scaling-batch{b}" in reports]
+    if batches:
+        parts += ["### Per-step cost vs batch (small, 128x128)", ""]
+        parts += [setup_lines(report) + "  " for report in batches]
+        parts += ["", scaling_batch(batches), ""]
+    return "\n".join(parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help=f"comma-separated runs of {', '.join(RUNS)}")
+    parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the JSON already there")
+    parser.add_argument("--no-profile", action="store_true", help="leave out the operator profile")
+    parser.add_argument("--label", default=None, help="a note shown on the page, e.g. 'preliminary: load 2.1'")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON reports")
+    args = parser.parse_args()
+    out = Path(args.out)
+    names = list(RUNS) if args.only is None else [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in names if name not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(RUNS)}")
+    start = time.perf_counter()
+    profile_path = out / "profile-small-256.md"
+    if not args.report_only:
+        measure(names, out, args.label)
+        if not args.no_profile:
+            from profile_unet import op_table, ort_profile, torch_profile
+
+            text = "\n\n".join(op_table(p) for p in (ort_profile("small", 256, 256), torch_profile("small", 256, 256)))
+            write_bytes_atomic(profile_path, (text + "\n").encode())
+    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS if (out / f"{name}.json").exists()}
+    if not reports:
+        sys.exit(f"no reports in {out}/: run python benchmarks/results.py first")
+    profile_text = profile_path.read_text() if profile_path.exists() else None
+    write_bytes_atomic(HERE / "RESULTS.md", page(reports, profile_text).encode())
+    print(f"wrote {HERE / 'RESULTS.md'} ({time.perf_counter() - start:.0f} s, load average "
+          f"{os.getloadavg()[0]:.2f})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
