@@ -147,8 +147,9 @@ def page(reports: dict, profile_text: str | None) -> str:
         parts += ["## Where the time goes: small 256x256, per step", "", breakdown(reports["headline-small"],
                                                                                    (256, 256)), ""]
     if profile_text:
-        parts += ["Operator profile of one step's UNet calls (`python benchmarks/profile_unet.py --model small "
-                  "--size 256x256`):", "", profile_text, ""]
+        parts += ["Profiles of one step (`python benchmarks/profile_step.py --model small --size 256x256`): operators "
+                  "inside the UNet calls for each engine, then Python functions over a whole onnxruntime generation "
+                  "(the loop around the UNet):", "", profile_text, ""]
     parts += ["## onnxruntime vs eager diffusers", ""]
     for name in ("headline-tiny", "headline-small"):
         if name in reports:
@@ -184,10 +185,9 @@ def main():
     if not args.report_only:
         measure(names, out, args.label)
         if not args.no_profile:
-            from profile_unet import op_table, ort_profile, torch_profile
+            from profile_step import profile_text
 
-            text = "\n\n".join(op_table(p) for p in (ort_profile("small", 256, 256), torch_profile("small", 256, 256)))
-            write_bytes_atomic(profile_path, (text + "\n").encode())
+            write_bytes_atomic(profile_path, (profile_text("small", 256, 256) + "\n").encode())
     reports = {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS if (out / f"{name}.json").exists()}
     if not reports:
         sys.exit(f"no reports in {out}/: run python benchmarks/results.py first")

@@ -156,9 +156,18 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_config_rejects_negative_warmup():
+def test_config_rejects_negative_warmup_and_cfg_repeats():
     with pytest.raises(BenchError, match="--warmup must be >= 0"):
         BenchConfig(warmup=-1)
+    with pytest.raises(BenchError, match="--cfg-repeats must be >= 0"):
+        BenchConfig(cfg_repeats=-1)
+
+
+def test_cfg_runs_follow_repeats_unless_set_or_sag_is_off():
+    assert BenchConfig(repeats=4).cfg_runs == 4
+    assert BenchConfig(repeats=4, cfg_repeats=1).cfg_runs == 1
+    assert BenchConfig(repeats=4, sag_scale=0.0).cfg_runs == 0  # the SAG runs are CFG-only already
+    assert "--cfg-repeats 1" in BenchConfig(cfg_repeats=1).command()
 
 
 def test_a_backend_that_cannot_load_ends_in_one_error_line(capsys):

@@ -1,13 +1,16 @@
-"""Where one SAG step's UNet time goes, by operator: ONNX Runtime's node profile of sagrt's exported UNet and
-torch.profiler on the eager diffusers UNet, both for one step's calls (batch 2B for CFG, B for the degraded pass).
+"""Where one SAG step's time goes: by operator inside the UNet calls (ONNX Runtime's node profile of sagrt's exported
+UNet; torch.profiler on the eager diffusers UNet; one step = a call at batch 2B for CFG and one at B for the degraded
+pass), and by Python function over a whole sagrt onnxruntime generation (cProfile self time: the loop around the UNet).
 
-    python benchmarks/profile_unet.py --model small --size 256x256 [--calls 3]
+    python benchmarks/profile_step.py --model small --size 256x256 [--calls 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import tempfile
 import time
 from collections import defaultdict
@@ -82,12 +85,35 @@ def torch_profile(model: str, height: int, width: int, batch: int = 1, calls: in
     return dict(engine="diffusers eager (torch CPU)", step_ms=wall * 1e3, ops=ops, calls_per_step=len(inputs))
 
 
+def loop_profile(model: str, height: int, width: int, steps: int = 5, backend: str = "onnxruntime") -> dict:
+    """Self time by Python function (C calls included) over one warm sagrt generation of `steps` steps."""
+    from sagrt.runtime.benchmark import PROMPT
+    from sagrt.runtime.pipeline import SAGPipeline
+
+    pipe = SAGPipeline.from_pretrained(model, backend=backend, device="cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=7.5,
+                  sag_scale=0.75, output_type="latent")
+    pipe(generator=torch.Generator().manual_seed(0), **kwargs)  # warm-up
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.runcall(pipe, generator=torch.Generator().manual_seed(0), **kwargs)
+    wall = (time.perf_counter() - start) / steps
+    ops = defaultdict(float)
+    for (file, line, name), (_, _, self_time, _, _) in pstats.Stats(profiler).stats.items():
+        where = name if file == "~" else f"{name} ({Path(file).name}:{line})"
+        ops[where] += self_time * 1e3 / steps
+    return dict(engine=f"sagrt {backend}, whole generation (cProfile self time)", step_ms=wall * 1e3, ops=dict(ops),
+                calls_per_step=None)
+
+
 def op_table(profile: dict, top: int = TOP) -> str:
     """Markdown: the `top` ops by time per step, their share of all op time, and the rest summed."""
     total = sum(profile["ops"].values())
     ranked = sorted(profile["ops"].items(), key=lambda item: -item[1])
-    lines = [f"{profile['engine']}: UNet calls of one step (2B + B) {profile['step_ms']:.1f} ms wall "
-             f"(profiling on), op time {total:.1f} ms", "", "| op | ms per step | share |", "|---|---|---|"]
+    what = "UNet calls of one step (2B + B)" if profile["calls_per_step"] else "per step, text encoder and VAE included"
+    lines = [f"{profile['engine']}: {what} {profile['step_ms']:.1f} ms wall (profiling on), profiled time "
+             f"{total:.1f} ms", "", "| op | ms per step | share |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.1f} | {ms / total:.0%} |" for name, ms in ranked[:top]]
     rest = sum(ms for _, ms in ranked[top:])
     if rest:
@@ -103,9 +129,14 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="profiled steps (default: 3)")
     args = parser.parse_args()
     height, width = (int(side) for side in args.size.split("x"))
-    for profile in (ort_profile(args.model, height, width, args.batch, args.calls),
-                    torch_profile(args.model, height, width, args.batch, args.calls)):
-        print(op_table(profile) + "\n")
+    print(profile_text(args.model, height, width, args.batch, args.calls))
+
+
+def profile_text(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> str:
+    """All three profiles as Markdown tables."""
+    profiles = (ort_profile(model, height, width, batch, calls), torch_profile(model, height, width, batch, calls),
+                loop_profile(model, height, width))
+    return "\n\n".join(op_table(profile) for profile in profiles)
 
 
 if __name__ == "__main__":
