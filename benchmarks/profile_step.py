@@ -85,8 +85,19 @@ def torch_profile(model: str, height: int, width: int, batch: int = 1, calls: in
     return dict(engine="diffusers eager (torch CPU)", step_ms=wall * 1e3, ops=ops, calls_per_step=len(inputs))
 
 
-def loop_profile(model: str, height: int, width: int, steps: int = 5, backend: str = "onnxruntime") -> dict:
-    """Self time by Python function (C calls included) over one warm sagrt generation of `steps` steps."""
+def loop_profile(model: str, height: int, width: int, steps: int = 5, backend: str = "onnxruntime",
+                 torch_threads: int | None = None) -> dict:
+    """Self time by Python function (C calls included) over one warm sagrt generation of `steps` steps;
+    `torch_threads` sets torch's intra-op threads for it (the loop's own tensor ops), then restores them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads or threads)
+    try:
+        return _loop_profile(model, height, width, steps, backend)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _loop_profile(model: str, height: int, width: int, steps: int, backend: str) -> dict:
     from sagrt.runtime.benchmark import PROMPT
     from sagrt.runtime.pipeline import SAGPipeline
 
@@ -103,7 +114,8 @@ def loop_profile(model: str, height: int, width: int, steps: int = 5, backend: s
     for (file, line, name), (_, _, self_time, _, _) in pstats.Stats(profiler).stats.items():
         where = name if file == "~" else f"{name} ({Path(file).name}:{line})"
         ops[where] += self_time * 1e3 / steps
-    return dict(engine=f"sagrt {backend}, whole generation (cProfile self time)", step_ms=wall * 1e3, ops=dict(ops),
+    return dict(engine=f"sagrt {backend} with torch threads {torch.get_num_threads()}, whole generation "
+                       f"(cProfile self time)", step_ms=wall * 1e3, ops=dict(ops),
                 calls_per_step=None)
 
 
@@ -133,9 +145,12 @@ def main():
 
 
 def profile_text(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> str:
-    """All three profiles as Markdown tables."""
-    profiles = (ort_profile(model, height, width, batch, calls), torch_profile(model, height, width, batch, calls),
-                loop_profile(model, height, width))
+    """The profiles as Markdown tables; with torch on several threads, the loop once more with torch on one
+    thread, since ONNX Runtime's and torch's thread pools compete for the same cores."""
+    profiles = [ort_profile(model, height, width, batch, calls), torch_profile(model, height, width, batch, calls),
+                loop_profile(model, height, width)]
+    if torch.get_num_threads() > 1:
+        profiles.append(loop_profile(model, height, width, torch_threads=1))
     return "\n\n".join(op_table(profile) for profile in profiles)
 
 

@@ -3,6 +3,7 @@
     python benchmarks/results.py                       # measure all (about 8 min on 2 quiet cores), write RESULTS.md
     python benchmarks/results.py --only headline-tiny  # re-measure some runs, keep the others' JSON
     python benchmarks/results.py --report-only         # rewrite RESULTS.md from benchmarks/results/*.json
+    python benchmarks/results.py --smoke               # every run on tiny, 2 steps, into /tmp: checks the script
 
 Every run is a `sagrt bench` (its command is printed with its table); raw numbers go to benchmarks/results/.
 Run it on a quiet machine: the page records the load average at the start and end of every run.
@@ -11,6 +12,7 @@ Run it on a quiet machine: the page records the load average at the start and en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,17 +44,23 @@ TARGETS = (  # (what, run, size, key, comparison, target)
 )
 
 
+def smoke(config: BenchConfig) -> BenchConfig:
+    """The same run on the tiny model, 2 steps, 1 repeat: exercises every path of this script in about a minute."""
+    return dataclasses.replace(config, model="tiny", steps=2, repeats=1, warmup=0,
+                               cfg_repeats=None if config.cfg_repeats is None else min(config.cfg_repeats, 1))
+
+
 def prepare(models) -> None:
     """Exports each model to ONNX once, so no measured process pays for (or keeps memory of) an export."""
     for model in sorted(models):
         subprocess.run([sys.executable, "-m", "sagrt.runtime.cli", "export", "--model", model], check=True)
 
 
-def measure(names: list[str], out: Path, label: str | None) -> None:
-    prepare({RUNS[name].model for name in names})
-    for name in names:
+def measure(runs: dict[str, BenchConfig], out: Path, label: str | None) -> None:
+    prepare({config.model for config in runs.values()})
+    for name, config in runs.items():
         start = time.perf_counter()
-        report = run_bench(RUNS[name], progress=lambda line: print(line, file=sys.stderr, flush=True))
+        report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
         report["label"] = label
         report["wall_s"] = time.perf_counter() - start
         write_bytes_atomic(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
@@ -139,29 +147,37 @@ def page(reports: dict, profile_text: str | None) -> str:
         parts += ["**" + "; ".join(labels) + "**", ""]
     parts += ["Baseline: diffusers' `StableDiffusionSAGPipeline`, eager PyTorch, built from the same modules, same "
               "prompt, seed, DDIM scheduler, guidance 7.5 and sag_scale 0.75. Each backend is measured in its own "
-              "process; warm-up runs are excluded and every number is the median of the repeats (the sweeps time 4 "
-              "steps with 2 repeats; small at 20 steps uses 3 repeats and 2 sag_scale=0 runs to fit the time budget). "
-              "Peak RSS is the process's high-water mark during the runs (reset after loading).", "",
+              "process; warm-up runs are excluded and every number is the median of the repeats in its command. To keep "
+              f"the whole script near 8 minutes on 2 cores, small at 20 steps uses {RUNS['headline-small'].repeats} "
+              f"repeats and {RUNS['headline-small'].cfg_repeats} sag_scale=0 runs (tiny: "
+              f"{RUNS['headline-tiny'].repeats} each) and the sweeps time {SWEEP['steps']} steps with "
+              f"{SWEEP['repeats']} repeats. SAG overhead: a SAG step over a sag_scale=0 (CFG-only) step. Loop overhead: "
+              "(step - UNet calls) / step. Peak RSS: the process's high-water mark during the runs (reset after "
+              "loading).", "",
               "## Targets", "", targets_table(reports), ""]
     if "headline-small" in reports:
-        parts += ["## Where the time goes: small 256x256, per step", "", breakdown(reports["headline-small"],
-                                                                                   (256, 256)), ""]
+        report = reports["headline-small"]
+        size = tuple(report["config"]["sizes"][0])
+        parts += [f"## Where the time goes: {report['config']['model']} {size[0]}x{size[1]}, per step", "",
+                  breakdown(report, size), ""]
     if profile_text:
-        parts += ["Profiles of one step (`python benchmarks/profile_step.py --model small --size 256x256`): operators "
-                  "inside the UNet calls for each engine, then Python functions over a whole onnxruntime generation "
-                  "(the loop around the UNet):", "", profile_text, ""]
+        parts += [profile_text, ""]
     parts += ["## onnxruntime vs eager diffusers", ""]
     for name in ("headline-tiny", "headline-small"):
         if name in reports:
-            parts += [markdown(reports[name], title=f"{reports[name]['config']['model']}, 20 steps")
+            config = reports[name]["config"]
+            parts += [markdown(reports[name], title=f"{config['model']}, {config['steps']} steps")
                       .replace("## ", "### "), ""]
     parts += ["## Scaling", ""]
     if "scaling-pixels" in reports:
-        parts += ["### Per-step cost vs latent pixels (small, batch 1)", "", setup_lines(reports["scaling-pixels"]),
+        config = reports["scaling-pixels"]["config"]
+        parts += [f"### Per-step cost vs latent pixels ({config['model']}, batch {config['batch']})", "", setup_lines(reports["scaling-pixels"]),
                   "", scaling_pixels(reports["scaling-pixels"]), ""]
     batches = [reports[f"scaling-batch{b}"] for b in (1, 2, 4) if f"scaling-batch{b}" in reports]
     if batches:
-        parts += ["### Per-step cost vs batch (small, 128x128)", ""]
+        config = batches[0]["config"]
+        parts += [f"### Per-step cost vs batch ({config['model']}, {config['sizes'][0][0]}x{config['sizes'][0][1]})",
+                  ""]
         parts += [setup_lines(report) + "  " for report in batches]
         parts += ["", scaling_batch(batches), ""]
     return "\n".join(parts)
@@ -173,27 +189,35 @@ def main():
     parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the JSON already there")
     parser.add_argument("--no-profile", action="store_true", help="leave out the operator profile")
     parser.add_argument("--label", default=None, help="a note shown on the page, e.g. 'preliminary: load 2.1'")
-    parser.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON reports")
+    parser.add_argument("--out", default=None, help="folder of the JSON reports (default: benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="every run on tiny with 2 steps, written under "
+                        "/tmp/sagrt-results-smoke (never over the committed results)")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("/tmp/sagrt-results-smoke" if args.smoke else HERE / "results"))
+    page_path = out / "RESULTS.md" if args.smoke else HERE / "RESULTS.md"
     names = list(RUNS) if args.only is None else [name.strip() for name in args.only.split(",")]
     unknown = [name for name in names if name not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(RUNS)}")
     start = time.perf_counter()
-    profile_path = out / "profile-small-256.md"
+    profile_path = out / "profile.md"
     if not args.report_only:
-        measure(names, out, args.label)
+        runs = {name: smoke(RUNS[name]) if args.smoke else RUNS[name] for name in names}
+        measure(runs, out, args.label or ("SMOKE TEST: tiny model, 2 steps; not a measurement" if args.smoke else None))
         if not args.no_profile:
             from profile_step import profile_text
 
-            write_bytes_atomic(profile_path, (profile_text("small", 256, 256) + "\n").encode())
+            model, size = ("tiny", 64) if args.smoke else ("small", 256)
+            text = (f"Profiles of one step (`python benchmarks/profile_step.py --model {model} --size {size}x{size}`): "
+                    "operators inside the UNet calls for each engine, then Python functions over a whole onnxruntime "
+                    "generation (the loop around the UNet):\n\n" + profile_text(model, size, size))
+            write_bytes_atomic(profile_path, (text + "\n").encode())
     reports = {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS if (out / f"{name}.json").exists()}
     if not reports:
         sys.exit(f"no reports in {out}/: run python benchmarks/results.py first")
     profile_text = profile_path.read_text() if profile_path.exists() else None
-    write_bytes_atomic(HERE / "RESULTS.md", page(reports, profile_text).encode())
-    print(f"wrote {HERE / 'RESULTS.md'} ({time.perf_counter() - start:.0f} s, load average "
+    write_bytes_atomic(page_path, page(reports, profile_text).encode())
+    print(f"wrote {page_path} ({time.perf_counter() - start:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f})", file=sys.stderr)
 
 

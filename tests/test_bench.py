@@ -181,3 +181,30 @@ def test_a_backend_that_cannot_load_ends_in_one_error_line(capsys):
                  "--warmup", "0"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("sagrt bench: error:") and "tensorrt" in last
+
+
+def test_results_page_states_targets_and_misses(bench_run):
+    """benchmarks/results.py turns bench reports into RESULTS.md; here fed the real tiny report, relabelled."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_results", path)
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    report = copy.deepcopy(bench_run[0])
+    for row in report["results"]:
+        row["backend"] = {"torch": results.BACKEND}.get(row["backend"], row["backend"])
+    text = results.page({"headline-tiny": report}, None)
+    ours = row_of(report, results.BACKEND)
+    assert report["command"] in text and "## Targets" in text
+    assert f"| {ours['speedup_end_to_end']:.2f}x | >= 4.00x |" in text
+    assert "onnxruntime end to end vs diffusers, small 256x256 | not measured" in text
+    assert results.verdict(3.0, ">=", 4.0) == "missed: 75% of the target (1.33x short)"
+    assert results.verdict(0.06, "<", 0.03) == "missed: 2.00x the limit"
+    assert results.verdict(1.0, "<=", 1.0) == "met"
+
+
+def row_of(report, backend):
+    return next(row for row in report["results"] if row["backend"] == backend)
