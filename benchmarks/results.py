@@ -88,7 +88,8 @@ def targets_table(reports: dict) -> str:
             continue
         value = row(reports[name], BACKEND, size)[key]
         shown = (lambda v: f"{v:.2f}x") if key.startswith("speedup") else (lambda v: f"{v:.1%}")
-        lines.append(f"| {what} | {shown(value)} | {comparison} {shown(target)} | {verdict(value, comparison, target)} |")
+        lines.append(f"| {what} | {shown(value)} | {comparison} {shown(target)} | "
+                     f"{verdict(value, comparison, target)} |")
     for name in ("headline-tiny", "headline-small"):
         for r in (r for r in reports.get(name, {}).get("results", []) if r["backend"] == BACKEND):
             lines.append(f"| onnxruntime peak RSS vs diffusers, {reports[name]['config']['model']} "
@@ -114,8 +115,8 @@ def scaling_pixels(report: dict) -> str:
              "speedup per step |", "|---|---|---|---|---|---|"]
     for r in (r for r in report["results"] if r["backend"] == BACKEND):
         base = row(report, BASELINE, (r["height"], r["width"]))
-        lines.append(f"| {r['height']}x{r['width']} | {r['latent_pixels']} | {base['step_ms']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['step_ms'] * 1e3 / r['latent_pixels']:.1f} | {r['speedup_step']:.2f}x |")
+        lines.append(f"| {r['height']}x{r['width']} | {r['latent_pixels']} | {base['step_ms']:.1f} | "
+                     f"{r['step_ms']:.1f} | {r['step_ms'] * 1e3 / r['latent_pixels']:.1f} | {r['speedup_step']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -145,15 +146,15 @@ def page(reports: dict, profile_text: str | None) -> str:
              ""]
     if labels:
         parts += ["**" + "; ".join(labels) + "**", ""]
+    small, tiny = RUNS["headline-small"], RUNS["headline-tiny"]
     parts += ["Baseline: diffusers' `StableDiffusionSAGPipeline`, eager PyTorch, built from the same modules, same "
               "prompt, seed, DDIM scheduler, guidance 7.5 and sag_scale 0.75. Each backend is measured in its own "
-              "process; warm-up runs are excluded and every number is the median of the repeats in its command. To keep "
-              f"the whole script near 8 minutes on 2 cores, small at 20 steps uses {RUNS['headline-small'].repeats} "
-              f"repeats and {RUNS['headline-small'].cfg_repeats} sag_scale=0 runs (tiny: "
-              f"{RUNS['headline-tiny'].repeats} each) and the sweeps time {SWEEP['steps']} steps with "
-              f"{SWEEP['repeats']} repeats. SAG overhead: a SAG step over a sag_scale=0 (CFG-only) step. Loop overhead: "
-              "(step - UNet calls) / step. Peak RSS: the process's high-water mark during the runs (reset after "
-              "loading).", "",
+              "process; warm-up runs are excluded and every number is the median of the repeats in its command. "
+              f"To keep the whole script near 8 minutes on 2 cores, small at 20 steps uses {small.repeats} repeats "
+              f"and {small.cfg_repeats} sag_scale=0 runs (tiny: {tiny.repeats} each) and the sweeps time "
+              f"{SWEEP['steps']} steps with {SWEEP['repeats']} repeats. SAG overhead: a SAG step over a sag_scale=0 "
+              "(CFG-only) step. Loop overhead: (step - UNet calls) / step. Peak RSS: the process's high-water mark "
+              "during the runs (reset after loading).", "",
               "## Targets", "", targets_table(reports), ""]
     if "headline-small" in reports:
         report = reports["headline-small"]
@@ -171,7 +172,8 @@ def page(reports: dict, profile_text: str | None) -> str:
     parts += ["## Scaling", ""]
     if "scaling-pixels" in reports:
         config = reports["scaling-pixels"]["config"]
-        parts += [f"### Per-step cost vs latent pixels ({config['model']}, batch {config['batch']})", "", setup_lines(reports["scaling-pixels"]),
+        parts += [f"### Per-step cost vs latent pixels ({config['model']}, batch {config['batch']})", "",
+                  setup_lines(reports["scaling-pixels"]),
                   "", scaling_pixels(reports["scaling-pixels"]), ""]
     batches = [reports[f"scaling-batch{b}"] for b in (1, 2, 4) if f"scaling-batch{b}" in reports]
     if batches:

@@ -2,8 +2,10 @@
 
 Every (backend, size) is measured in a fresh Python process (`python -m sagrt.runtime.benchmark CASE OUT`),
 so its peak RSS is its own and not the high-water mark of whatever ran before it. In that process:
-load, reset the peak-memory counters, `warmup` untimed runs, `repeats` timed SAG runs, then `repeats`
-timed runs with sag_scale=0 (CFG only) for the SAG overhead. Per-run numbers are reduced by the median.
+load (untimed; a first onnxruntime load also exports), reset the peak-memory counters, `warmup` untimed runs,
+`repeats` timed SAG runs, then `cfg_repeats` timed runs with sag_scale=0 (CFG only) for the SAG overhead.
+Per-run numbers are reduced by the median. A step is the denoising loop's time (first UNet call to the callback
+after the last scheduler step) over its iterations; loop overhead is that time minus the UNet calls, over it.
 
 Stage times come from a timing proxy around the runners (sagrt) or forward hooks on the modules
 (diffusers); both synchronise CUDA before reading the clock, so a call's time is its own.
@@ -330,7 +332,8 @@ def median_call(runs: list[dict], batch: int) -> float | None:
 def summarize(runs: list[dict], batch: int) -> dict:
     """Medians over the timed runs of one configuration."""
     med = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
-    return dict(end_to_end_s=med("total_s"), step_ms=med("step_s") * 1e3, loop_overhead=med("loop_overhead"),
+    return dict(end_to_end_s=med("total_s"), images_per_s=batch / med("total_s"), step_ms=med("step_s") * 1e3,
+                loop_overhead=med("loop_overhead"),
                 unet_ms_per_step=med("unet_s") / runs[0]["iterations"] * 1e3, text_ms=med("text_s") * 1e3,
                 vae_ms=med("vae_s") * 1e3, unet_2b_ms=_ms(median_call(runs, 2 * batch)),
                 unet_b_ms=_ms(median_call(runs, batch)), iterations=runs[0]["iterations"],

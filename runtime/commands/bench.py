@@ -39,7 +39,8 @@ def add_arguments(parser):
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(model=args.model, backends=tuple(name.strip() for name in args.backends.split(",") if name),
                        sizes=parse_sizes(args.size), steps=args.steps, batch=args.batch, repeats=args.repeats,
-                       warmup=args.warmup, cfg_repeats=args.cfg_repeats, guidance_scale=args.guidance_scale, sag_scale=args.sag_scale,
+                       warmup=args.warmup, cfg_repeats=args.cfg_repeats, guidance_scale=args.guidance_scale,
+                       sag_scale=args.sag_scale,
                        scheduler=args.scheduler, seed=args.seed, prompt=args.prompt, device=args.device)
 
 
