@@ -208,3 +208,17 @@ def test_results_page_states_targets_and_misses(bench_run):
 
 def row_of(report, backend):
     return next(row for row in report["results"] if row["backend"] == backend)
+
+
+def test_onnxruntime_backend_against_the_baseline(tmp_path, monkeypatch, capsys):
+    """The engine backend through the same harness: fp32 ONNX Runtime within DESIGN's 1e-3 on the final latents."""
+    pytest.importorskip("sagrt.engine.onnxruntime_runner", reason="the onnxruntime backend is not in this build")
+    monkeypatch.setenv("SAGRT_CACHE", str(tmp_path / "cache"))  # the worker processes inherit it
+    out = tmp_path / "ort.json"
+    assert main(["bench", "--backends", "onnxruntime", "--size", "64x64", "--steps", str(STEPS), "--repeats", "1",
+                 "--cfg-repeats", "0", "--json", str(out)]) == 0
+    ours = row_of(json.loads(out.read_text()), "onnxruntime")
+    assert ours["unet_calls_per_run"] == {"1": STEPS, "2": STEPS}
+    assert ours["latents_relative_error"] <= 1e-3
+    assert ours["sag_overhead"] is None  # --cfg-repeats 0: not measured, not made up
+    assert "| 64x64 | 1 | onnxruntime |" in capsys.readouterr().out
