@@ -28,7 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     parser.add_argument("--sag-scale", type=float, default=0.75, help="self-attention guidance (default: 0.75)")
     parser.add_argument("--scheduler", default=None, metavar="NAME",
-                        help=f"one of {', '.join(scheduler_names())} with integer timesteps (default: the model's)")
+                        help=f"one of {', '.join(scheduler_names())}; the diffusers baseline takes only those with "
+                             "integer timesteps (ddim, ddpm, pndm, deis, dpm++2m, dpm++2s, unipc) (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
