@@ -63,3 +63,14 @@ def manifest_differences(found: dict, wanted: dict) -> list[str]:
     """'key: found X, wanted Y' for every key of `wanted` whose value differs in `found`."""
     return [f"{key}: found {found.get(key)!r}, wanted {value!r}" for key, value in wanted.items()
             if found.get(key) != value]
+
+
+def cache_root() -> Path:
+    """Root of sagrt's artifact cache: $SAGRT_CACHE, else ~/.cache/sagrt."""
+    return Path(os.environ.get("SAGRT_CACHE") or Path.home() / ".cache" / "sagrt")
+
+
+def artifact_dir(fingerprint: str, stage: str, key: str) -> Path:
+    """The one place artifact paths come from: <cache>/<model fingerprint>/<stage>/<key>,
+    e.g. stage "onnx" or "tensorrt", key "fp32-opset17-mid_block"."""
+    return cache_root() / fingerprint / stage / key

@@ -117,6 +117,11 @@ class Components:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
 
+def final_layer_norm(text_encoder):
+    """CLIP's last LayerNorm: under `text_model` in transformers 4, on the model itself in transformers 5."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+
+
 def builtin_tokenizer():
     from transformers import CLIPTokenizer
 
@@ -134,13 +139,18 @@ def build_preset(name: str) -> Components:
         unet = UNet2DConditionModel(**preset.unet)
         text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
         vae = AutoencoderKL(**preset.vae)
-    payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
-                         sort_keys=True, default=str)
     return Components(
         tokenizer=builtin_tokenizer(), text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(),
-        scheduler=DDIMScheduler(**SD_SCHEDULER), source=name,
-        fingerprint="preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16],
+        scheduler=DDIMScheduler(**SD_SCHEDULER), source=name, fingerprint=preset_fingerprint(name),
     )
+
+
+def preset_fingerprint(name: str) -> str:
+    """Hash of a preset's configs, seed and torch version (its weights follow from them), without building it."""
+    preset = PRESETS[name]
+    payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
+                         sort_keys=True, default=str)
+    return "preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def folder_fingerprint(path: Path) -> str:
@@ -161,10 +171,29 @@ def folder_fingerprint(path: Path) -> str:
     return "folder-" + digest.hexdigest()[:16]
 
 
+def save_scheduler(scheduler, path: str | Path) -> None:
+    """Writes scheduler_config.json without the values the scheduler took by default, so that loading it and
+    switching scheduler class (from_config) gives what the in-memory scheduler gives: diffusers carries over
+    only explicitly set values (e.g. DDIM's timestep_spacing default must not reach DPM-Solver)."""
+    config = dict(scheduler.config)
+    defaulted = set(config.pop("_use_default_values", []))
+    config = {key: value for key, value in config.items() if key not in defaulted}
+    config["_class_name"] = type(scheduler).__name__
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+
+
+def load_scheduler(path: str | Path):
+    """The diffusers scheduler a saved scheduler folder (scheduler_config.json) describes."""
+    import diffusers
+
+    config = json.loads((Path(path) / "scheduler_config.json").read_text())
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
 def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
     """Loads a local diffusers-format Stable Diffusion folder (no network)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -175,30 +204,42 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
         raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "
                          f"{', '.join(REQUIRED_FOLDERS)})")
     try:
-        scheduler_config = SchedulerMixin.load_config(path / "scheduler")
-        import diffusers
-
-        scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
             unet=UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval(),
             vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval(),
-            scheduler=scheduler_cls.from_config(scheduler_config),
+            scheduler=load_scheduler(path / "scheduler"),
             source=str(path.resolve()),
             fingerprint=folder_fingerprint(path),
         )
     except (OSError, KeyError, ValueError, AttributeError) as err:
         raise ModelError(f"cannot load model folder {path}: {str(err).splitlines()[0]}") from err
-    if safety_checker and (path / "safety_checker").is_dir():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPImageProcessor
-
-        components.safety_checker = StableDiffusionSafetyChecker.from_pretrained(
-            path / "safety_checker", local_files_only=True).eval()
-        components.feature_extractor = CLIPImageProcessor.from_pretrained(path / "feature_extractor",
-                                                                          local_files_only=True)
+    if safety_checker:
+        components.safety_checker, components.feature_extractor = load_safety_checker(path)
     return components
+
+
+def load_safety_checker(path: str | Path):
+    """(safety checker, feature extractor) of a diffusers folder, or (None, None) when it has none."""
+    path = Path(path)
+    if not (path / "safety_checker").is_dir():
+        return None, None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(path / "safety_checker", local_files_only=True).eval()
+    return checker, CLIPImageProcessor.from_pretrained(path / "feature_extractor", local_files_only=True)
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """The fingerprint `load_model(model)` would give, without loading the weights."""
+    if str(model) in PRESETS:
+        return preset_fingerprint(str(model))
+    path = Path(model)
+    if not path.is_dir():
+        load_model(model)  # raises the error that says what is wrong with the name or path
+    return folder_fingerprint(path)
 
 
 def load_model(model: str | Path, safety_checker: bool = True) -> Components:

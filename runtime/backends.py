@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from sagrt.errors import SagrtError
@@ -10,6 +12,7 @@ from sagrt.export.models import load_model
 from sagrt.runtime.runners import ModelInfo, TorchRunners
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+ONNXRUNTIME_OPTIONS = ("providers", "export_dir", "opset", "io_binding")
 
 
 class BackendError(SagrtError):
@@ -22,13 +25,25 @@ def default_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_auto(backend: str) -> str:
+    """'auto' -> the fastest backend installed here; any other name is returned as asked."""
+    if backend != "auto":
+        return backend
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
 def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=True, sag_layer=MID_BLOCK_LAYER,
          **options):
     """Returns (runners, tokenizer, scheduler, ModelInfo, (safety_checker, feature_extractor))."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "torch"
+    backend = resolve_auto(backend)
+    if backend == "onnxruntime":
+        unknown = sorted(set(options) - set(ONNXRUNTIME_OPTIONS))
+        if unknown:
+            raise BackendError(f"backend onnxruntime has no options {unknown}: it takes "
+                               f"{', '.join(ONNXRUNTIME_OPTIONS)}")
+        return load_onnxruntime(model, device, dtype, safety_checker, sag_layer, **options)
     if backend != "torch":
         raise BackendError(f"backend {backend!r} is not available in this build")
     if options:
@@ -41,3 +56,34 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
         components.safety_checker.to(device)
     return (runners, components.tokenizer, components.scheduler, ModelInfo.of(components, sag_layer),
             (components.safety_checker, components.feature_extractor))
+
+
+def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_layer=MID_BLOCK_LAYER, *,
+                     providers=None, export_dir=None, opset=None, io_binding=None):
+    """ONNX Runtime runners over the model's export (made on first use, reused afterwards); tokenizer,
+    scheduler and ModelInfo come from the export folder, a model folder's safety checker runs in torch."""
+    from transformers import CLIPTokenizer
+
+    from sagrt.engine.onnxruntime_runner import OrtRunners
+    from sagrt.export import artifacts
+    from sagrt.export.models import PRESETS, load_safety_checker, load_scheduler, model_fingerprint
+    from sagrt.export.onnx_export import DEFAULT_OPSET, export_folder, export_model, request_fields
+
+    precision = "fp16" if dtype == torch.float16 else "fp32"
+    opset = opset or DEFAULT_OPSET
+    fingerprint = model_fingerprint(model)
+    folder = export_folder(fingerprint, export_dir, precision, opset, sag_layer)
+    if artifacts.read_manifest(folder) is None:
+        export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer)
+    if providers is None and device is not None and torch.device(device).type == "cpu":
+        providers = ["cpu"]
+    device_id = (torch.device(device).index or 0) if device is not None else 0
+    runners = OrtRunners(folder, providers, device_id=device_id, io_binding=io_binding,
+                         wanted=request_fields(fingerprint, opset, precision, sag_layer), model=str(model))
+    checker = (None, None)
+    if safety_checker and str(model) not in PRESETS:
+        checker = load_safety_checker(model)
+        if checker[0] is not None:
+            checker[0].to(runners.device)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    return runners, tokenizer, load_scheduler(folder / "scheduler"), runners.info, checker

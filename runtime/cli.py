@@ -14,6 +14,8 @@ from sagrt.errors import SagrtError
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
+    "export": ("sagrt.runtime.commands.export", "export a model to ONNX with the SAG attention output"),
+    "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the DESIGN.md bounds"),
     "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
 }
 

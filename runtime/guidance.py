@@ -15,7 +15,8 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
 
 
 def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
-    """Depthwise Gaussian blur with reflect padding, as diffusers' SAG pipeline computes it."""
+    """Depthwise Gaussian blur with reflect padding, as diffusers' SAG pipeline computes it. Latents too
+    small to reflect (a side <= kernel_size // 2, where diffusers crashes) are padded by replication."""
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
@@ -23,7 +24,8 @@ def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0
     kernel_2d = torch.mm(kernel_1d[:, None], kernel_1d[None, :])
     kernel_2d = kernel_2d.expand(img.shape[-3], 1, kernel_size, kernel_size)
     pad = kernel_size // 2
-    img = F.pad(img, [pad, pad, pad, pad], mode="reflect")
+    mode = "reflect" if min(img.shape[-2:]) > pad else "replicate"
+    img = F.pad(img, [pad, pad, pad, pad], mode=mode)
     return F.conv2d(img, kernel_2d, groups=img.shape[-3])
 
 

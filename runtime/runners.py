@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score
-from sagrt.export.models import Components
+from sagrt.export.models import Components, final_layer_norm
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class TorchRunners(Runners):
         if clip_skip is None:
             return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
         out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return self.text_encoder.text_model.final_layer_norm(out[-1][-(clip_skip + 1)])
+        return final_layer_norm(self.text_encoder)(out[-1][-(clip_skip + 1)])
 
     def unet(self, sample, timestep, context, cross_attention_kwargs=None):
         with capture_sag_score(self.unet_model, self.sag_layer) as capture:

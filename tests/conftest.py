@@ -27,3 +27,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (none on this machine)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny):
+    """The tiny model exported to ONNX once per session (fp32, opset 17, default SAG layer)."""
+    from sagrt.export.onnx_export import export_model
+
+    return export_model(tiny, tmp_path_factory.mktemp("tiny-onnx"), progress=False)

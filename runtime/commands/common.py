@@ -16,11 +16,17 @@ from sagrt.runtime.schedulers import scheduler_names
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def add_model_arguments(parser, backends=BACKENDS):
+def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
     parser.add_argument("--model", default="tiny",
                         help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
-    parser.add_argument("--backend", default="torch", choices=backends, metavar="{" + ",".join(backends) + "}",
-                        help="engine backend (default: torch)")
+    if backend_choice:
+        parser.add_argument("--backend", default="torch", choices=backends, metavar="{" + ",".join(backends) + "}",
+                            help="engine backend (default: torch)")
+    parser.add_argument("--provider", default=None, metavar="NAMES",
+                        help="onnxruntime execution providers, comma-separated: tensorrt, cuda, cpu "
+                             "(default: the first installed of those)")
+    parser.add_argument("--export-dir", default=None, metavar="DIR",
+                        help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
     parser.add_argument("--device", default=None, help="torch device for the torch backend (default: cuda if present)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
     parser.add_argument("--no-safety-checker", action="store_true",
@@ -54,13 +60,24 @@ def sag_config(args) -> SAGConfig:
                      window=(start, end))
 
 
-def load_pipeline(args, **backend_options):
+def backend_options(args, backend: str) -> dict:
+    """Options of the onnxruntime backend given on the command line, for that backend only."""
+    from sagrt.runtime.backends import resolve_auto
+
+    options = {"providers": args.provider, "export_dir": args.export_dir}
+    if resolve_auto(backend) != "onnxruntime":
+        return {}
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def load_pipeline(args, backend: str | None = None, **extra_options):
     from sagrt.runtime.pipeline import SAGPipeline
     from sagrt.runtime.schedulers import make_scheduler
 
-    pipe = SAGPipeline.from_pretrained(args.model, backend=args.backend, device=args.device,
+    backend = backend or args.backend
+    pipe = SAGPipeline.from_pretrained(args.model, backend=backend, device=args.device,
                                        torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
-                                       **backend_options)
+                                       **backend_options(args, backend), **extra_options)
     if args.scheduler is not None or args.karras_sigmas:
         name = args.scheduler or type(pipe.scheduler).__name__
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config, karras_sigmas=args.karras_sigmas or None)

@@ -1,0 +1,304 @@
+"""torch -> ONNX: the UNet with the SAG attention score as a second output, the text encoder with every
+layer's normed hidden states (for clip_skip), and the VAE decoder; plus tokenizer/, scheduler/ and a
+manifest, so the runtime can run from the export folder alone.
+
+Files are exported into a staging folder inside the export folder, moved into place one by one, and the
+manifest is written last: a folder without a manifest is an unfinished export.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from sagrt.errors import SagrtError
+from sagrt.export import artifacts, specs
+from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, resolve_layer
+from sagrt.export.models import Components, final_layer_norm, load_model, model_fingerprint, save_scheduler
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf cannot hold a graph of 2 GB or more in one file
+DEFAULT_OPSET = 17
+
+
+class ExportError(SagrtError):
+    """An export folder that cannot be used as asked: missing, foreign or damaged; the message says how to redo it."""
+
+
+class UNetWithScore(torch.nn.Module):
+    """(sample, timestep [1] float32, encoder_hidden_states) -> (noise_pred, attn_score [B, HM, WM] float32)."""
+
+    def __init__(self, unet, sag_layer: str):
+        super().__init__()
+        self.unet, self.sag_layer = unet, sag_layer
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        with capture_sag_score(self.unet, self.sag_layer) as capture:
+            noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        return noise_pred, capture.score_map()
+
+
+class TextEncoderWithLayers(torch.nn.Module):
+    """input_ids [B, 77] int32 -> (hidden [B, 77, D], layer_hidden [L + 1, B, 77, D]), where layer_hidden[i] is
+    final_layer_norm(hidden_states[i]): clip_skip k reads layer_hidden[-(k + 1)]. Runs in the text encoder's own
+    dtype and casts its outputs to `out_dtype` (fp16 graphs keep CLIP in fp32: traced in fp16, transformers'
+    CLIP mixes fp32 residuals into fp16 LayerNorms, which ONNX Runtime refuses; it costs two calls a run)."""
+
+    def __init__(self, text_encoder, out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.text_encoder, self.out_dtype = text_encoder, out_dtype
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+        norm = final_layer_norm(self.text_encoder)
+        layer_hidden = torch.stack([norm(h) for h in out.hidden_states])
+        return out.last_hidden_state.to(self.out_dtype), layer_hidden.to(self.out_dtype)
+
+
+class VaeDecoder(torch.nn.Module):
+    """latent [B, 4, H, W] (already divided by the scaling factor) -> image [B, 3, 8H, 8W] in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def sample_latent_size(components: Components) -> tuple[int, int]:
+    """An odd latent size (not divisible by 2**(levels-1)): traced at a divisible size the UNet freezes
+    forward_upsample_size and the graph fails at other sizes (DESIGN.md pitfalls)."""
+    m = max(2, components.min_latent_side)
+    return 2 * m + 1, 3 * m + 1
+
+
+def network_specs(components: Components, precision: str) -> dict[str, specs.NetworkSpec]:
+    dtype = NUMPY_DTYPES[PRECISIONS[precision]]
+    return {
+        "text_encoder": specs.text_encoder_spec(components.text_encoder.config.hidden_size, dtype),
+        "unet": specs.unet_spec(components.unet.config.cross_attention_dim, dtype),
+        "vae_decoder": specs.vae_decoder_spec(components.vae_scale_factor, dtype),
+    }
+
+
+def sample_inputs(name: str, components: Components, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Seeded example inputs of real scale at batch 2 (so no axis is traced as 1)."""
+    gen = torch.Generator().manual_seed(0)
+    h, w = sample_latent_size(components)
+    if name == "text_encoder":
+        vocab = components.text_encoder.config.vocab_size
+        return (torch.randint(0, vocab, (2, specs.TEXT_TOKENS), generator=gen, dtype=torch.int32),)
+    if name == "unet":
+        context_dim = components.unet.config.cross_attention_dim
+        return (torch.randn(2, specs.LATENT_CHANNELS, h, w, generator=gen).to(dtype),
+                torch.tensor([981.0]),
+                torch.randn(2, specs.TEXT_TOKENS, context_dim, generator=gen).to(dtype))
+    return (torch.randn(2, specs.LATENT_CHANNELS, h, w, generator=gen).to(dtype),)
+
+
+def export_module(name: str, components: Components, dtype: torch.dtype, sag_layer: str):
+    """The module torch.onnx.export traces for network `name`, in `dtype` (a copy: the caller's modules keep theirs)."""
+    if name == "text_encoder":
+        return TextEncoderWithLayers(components.text_encoder, out_dtype=dtype).eval()
+    module = UNetWithScore(components.unet, sag_layer) if name == "unet" else VaeDecoder(components.vae)
+    if next(module.parameters()).dtype != dtype:
+        module = copy.deepcopy(module).to(dtype)
+    return module.eval()
+
+
+def sag_map_downsamplings(components: Components, sag_layer: str) -> int:
+    """How many stride-2 levels below the latent the SAG layer's map lies (HM = map_side(H, k))."""
+    h, w = sample_latent_size(components)
+    sample, timestep, context = sample_inputs("unet", components, torch.float32)
+    with torch.no_grad(), capture_sag_score(components.unet, sag_layer) as capture:
+        components.unet(sample[:1], timestep, encoder_hidden_states=context[:1])
+    map_size = tuple(capture.map_size)
+    for k in range(8):
+        if (specs.map_side(h, k), specs.map_side(w, k)) == map_size:
+            return k
+    raise ExportError(f"SAG layer {sag_layer!r} has map {map_size} for latent {h}x{w}: not a downsampling of the "
+                      f"latent")
+
+
+def export_network(name: str, components: Components, spec: specs.NetworkSpec, folder: Path, *, opset: int,
+                   dtype: torch.dtype, sag_layer: str, external_data: bool | None) -> list[str]:
+    """Writes `folder/<name>.onnx` (and `<name>.onnx.data` with external data); returns the file names."""
+    import onnx
+
+    raw = folder / f".raw-{name}"
+    raw.mkdir()
+    raw_path = raw / spec.filename
+    module = export_module(name, components, dtype, sag_layer)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic the dynamic axes already cover
+        torch.onnx.export(module, sample_inputs(name, components, dtype), str(raw_path), dynamo=False,
+                          input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                          dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True)
+    raw_bytes = sum(f.stat().st_size for f in raw.iterdir())
+    external = raw_bytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    # re-save so a large graph's weights sit in one data file beside it instead of one file per tensor
+    model = onnx.load(str(raw_path))
+    declare_io_shapes(model.graph, spec)
+    data_name = f"{spec.filename}.data"
+    onnx.save_model(model, str(folder / spec.filename), save_as_external_data=external,
+                    all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    shutil.rmtree(raw)
+    onnx.checker.check_model(str(folder / spec.filename))
+    return [spec.filename, data_name] if external else [spec.filename]
+
+
+def declare_io_shapes(graph, spec: specs.NetworkSpec) -> None:
+    """Writes the spec's dimensions on the graph's inputs and outputs: fixed sizes as values, dynamic ones
+    under the spec's names (the tracer names some after internal nodes, e.g. "Casthidden_dim_1")."""
+    declared = {t.name: t.shape for t in spec.inputs + spec.outputs}
+    for value in list(graph.input) + list(graph.output):
+        shape = value.type.tensor_type.shape
+        shape.ClearField("dim")
+        for size in declared[value.name]:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+
+
+def export_key(precision: str, opset: int, sag_layer: str) -> str:
+    """Folder name of one export request under the model's cache folder."""
+    layer = sag_layer.replace(".transformer_blocks.", "-tb").replace(".attentions.", "-a").replace(".", "-")
+    return f"{precision}-opset{opset}-{layer}"
+
+
+def export_folder(fingerprint: str, out_dir=None, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                  sag_layer: str = MID_BLOCK_LAYER) -> Path:
+    """`out_dir`, or the cache folder of this model and request."""
+    if out_dir is not None:
+        return Path(out_dir)
+    return artifacts.artifact_dir(fingerprint, "onnx", export_key(precision, opset, sag_layer))
+
+
+def request_fields(fingerprint: str, opset: int, precision: str, sag_layer: str) -> dict:
+    """The manifest keys an existing export must match to be reused."""
+    from sagrt import __version__
+
+    return {"kind": "onnx", "sagrt_version": __version__, "model_fingerprint": fingerprint, "opset": opset,
+            "precision": precision, "sag_layer": sag_layer}
+
+
+def redo_command(model_source: str, folder: Path, opset: int = DEFAULT_OPSET, precision: str = "fp32",
+                 sag_layer: str = MID_BLOCK_LAYER) -> str:
+    command = f"sagrt export --model {model_source} --out {folder}"
+    if opset != DEFAULT_OPSET:
+        command += f" --opset {opset}"
+    if precision != "fp32":
+        command += f" --precision {precision}"
+    if sag_layer != MID_BLOCK_LAYER:
+        command += f" --sag-layer {sag_layer}"
+    return command + " --force"
+
+
+def verify_export(folder: str | Path, wanted: dict | None = None, model: str | None = None) -> dict:
+    """The folder's manifest after checking it is an ONNX export matching `wanted` and that every file it lists
+    has its recorded size and sha256; raises ExportError saying what differs and the command that redoes the
+    export (for `model`, default the manifest's, with the wanted settings)."""
+    folder = Path(folder)
+    manifest = artifacts.read_manifest(folder)
+    if manifest is None:
+        raise ExportError(f"{folder} holds no ONNX export (no readable {artifacts.MANIFEST}): "
+                          f"run `sagrt export --model {model or 'MODEL'} --out {folder}`")
+    settings = {**manifest, **(wanted or {})}
+    redo = redo_command(model or manifest.get("model_source", "MODEL"), folder, settings.get("opset", DEFAULT_OPSET),
+                        settings.get("precision", "fp32"), settings.get("sag_layer", MID_BLOCK_LAYER))
+    differences = artifacts.manifest_differences(manifest, {"kind": "onnx", **(wanted or {})})
+    if differences:
+        raise ExportError(f"export in {folder} does not match: {'; '.join(differences)}; redo it with `{redo}`")
+    for name, entry in sorted(manifest.get("files", {}).items()):
+        path = folder / name
+        if not path.is_file():
+            raise ExportError(f"{name} is missing from {folder}: redo the export with `{redo}`")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ExportError(f"{name} in {folder} is truncated or altered ({size} bytes, manifest says "
+                              f"{entry['bytes']}): redo the export with `{redo}`")
+        if artifacts.sha256_file(path) != entry["sha256"]:
+            raise ExportError(f"{name} in {folder} is corrupted (sha256 differs from the manifest): "
+                              f"redo the export with `{redo}`")
+    return manifest
+
+
+def io_table(spec: specs.NetworkSpec) -> dict:
+    return {"inputs": [[t.name, t.dtype, list(t.shape)] for t in spec.inputs],
+            "outputs": [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]}
+
+
+def _move_into(staging: Path, folder: Path, name: str) -> None:
+    target = folder / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(staging / name, target)
+
+
+def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
+                 sag_layer: str = MID_BLOCK_LAYER, force: bool = False, external_data: bool | None = None,
+                 progress: bool = True) -> Path:
+    """Exports `model` (preset name, diffusers folder or Components) to ONNX and returns the export folder.
+    An export whose manifest matches the request is reused; `force` redoes it."""
+    from tqdm.auto import tqdm
+
+    from sagrt.runtime.runners import ModelInfo
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    fingerprint = model.fingerprint if isinstance(model, Components) else model_fingerprint(model)
+    folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
+    wanted = request_fields(fingerprint, opset, precision, sag_layer)
+    if not force and artifacts.read_manifest(folder) is not None:
+        verify_export(folder, wanted, None if isinstance(model, Components) else str(model))
+        return folder
+
+    components = model if isinstance(model, Components) else load_model(model, safety_checker=False)
+    resolve_layer(components.unet, sag_layer)
+    dtype = PRECISIONS[precision]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
+    network_table = network_specs(components, precision)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".export-"))
+    try:
+        names = []
+        steps = tqdm(list(network_table) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
+        for name in steps:
+            steps.set_postfix_str(name)
+            if name in network_table:
+                names += export_network(name, components, network_table[name], staging, opset=opset, dtype=dtype,
+                                        sag_layer=sag_layer, external_data=external_data)
+            else:
+                components.tokenizer.save_pretrained(staging / "tokenizer")
+                save_scheduler(components.scheduler, staging / "scheduler")
+        for stale in folder.glob("*.onnx.data"):  # weights of an earlier export stored externally
+            stale.unlink()
+        for name in names + ["tokenizer", "scheduler"]:
+            _move_into(staging, folder, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = sorted(names) + sorted(p.relative_to(folder).as_posix() for sub in ("tokenizer", "scheduler")
+                                   for p in (folder / sub).rglob("*") if p.is_file())
+    manifest = {
+        **wanted,
+        "model_source": components.source,
+        "model_info": ModelInfo.of(components, sag_layer).to_dict(),
+        "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
+        "files": {name: {"sha256": artifacts.sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+                  for name in files},
+        "networks": {name: io_table(spec) for name, spec in network_table.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    artifacts.write_manifest(folder, manifest)
+    return folder

@@ -1,0 +1,228 @@
+"""ONNX export of the tiny model: graph checks, declared I/O, per-module ONNX Runtime (CPU) parity against
+torch, external data, manifest reuse and the TensorRT parser check."""
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import relative_error
+from sagrt.export import artifacts, specs
+from sagrt.export.onnx_export import ExportError, export_model, network_specs, verify_export
+from sagrt.export.trt_compat import check_model
+from sagrt.runtime.runners import TorchRunners
+
+BOUND = 1e-5
+NETWORKS = ("unet", "text_encoder", "vae_decoder")
+ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int32": onnx.TensorProto.INT32}
+LATENT_SIZES = [(8, 8), (8, 12), (7, 9)]  # square, non-square, odd
+
+
+def session(folder, network):
+    return ort.InferenceSession(str(folder / f"{network}.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def torch_runners(tiny):
+    return TorchRunners(tiny)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_graph_passes_checker_and_strict_shape_inference(tiny_onnx, network):
+    model = onnx.load(str(tiny_onnx / f"{network}.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert len(inferred.graph.value_info) > 0
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_declared_names_dtypes_and_dynamic_axes(tiny, tiny_onnx, network):
+    spec = network_specs(tiny, "fp32")[network]
+    graph = onnx.load(str(tiny_onnx / f"{network}.onnx"), load_external_data=False).graph
+    for declared, actual in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
+        assert [t.name for t in declared] == [v.name for v in actual]
+        for t, value in zip(declared, actual):
+            assert value.type.tensor_type.elem_type == ONNX_DTYPES[t.dtype], t.name
+            dims = value.type.tensor_type.shape.dim
+            assert len(dims) == len(t.shape), t.name
+            for want, dim in zip(t.shape, dims):
+                if isinstance(want, str):
+                    assert dim.dim_param == want and not dim.HasField("dim_value"), (t.name, want)
+                else:
+                    assert dim.dim_value == want, (t.name, want)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("size", LATENT_SIZES)
+def test_unet_parity(tiny_onnx, torch_runners, batch, size):
+    gen = torch.Generator().manual_seed(batch * 100 + size[1])
+    sample = torch.randn(batch, 4, *size, generator=gen)
+    context = torch.randn(batch, 77, 32, generator=gen)
+    timestep = torch.tensor([637.0])
+    with torch.no_grad():
+        noise_ref, score_ref = torch_runners.unet(sample, timestep, context)
+    noise, score = session(tiny_onnx, "unet").run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
+                                                         "encoder_hidden_states": context.numpy()})
+    assert score.dtype == np.float32 and score.shape == tuple(score_ref.shape)
+    assert score.shape[1:] == (specs.map_side(size[0], 1), specs.map_side(size[1], 1))
+    assert relative_error(noise, noise_ref) <= BOUND
+    assert relative_error(score, score_ref) <= BOUND
+    # the score averages 1.0: its informative part is the deviation from 1, checked on its own
+    assert score_ref.std() > 1e-3
+    assert relative_error(score - 1, score_ref - 1) <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_text_encoder_parity_every_layer(tiny, tiny_onnx, batch):
+    input_ids = torch.randint(0, tiny.text_encoder.config.vocab_size, (batch, 77),
+                              generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        out = tiny.text_encoder(input_ids, output_hidden_states=True)
+        norm = tiny.text_encoder.final_layer_norm
+        layers_ref = torch.stack([norm(h) for h in out.hidden_states])
+    hidden, layers = session(tiny_onnx, "text_encoder").run(None, {"input_ids": input_ids.int().numpy()})
+    assert relative_error(hidden, out.last_hidden_state) <= BOUND
+    assert layers.shape == (tiny.text_encoder.config.num_hidden_layers + 1, batch, 77, 32)
+    for i in range(layers.shape[0]):
+        assert relative_error(layers[i], layers_ref[i]) <= BOUND
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("size", LATENT_SIZES)
+def test_vae_decoder_parity(tiny_onnx, torch_runners, batch, size):
+    latent = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(batch + size[0]))
+    with torch.no_grad():
+        image_ref = torch_runners.decode(latent)
+    (image,) = session(tiny_onnx, "vae_decoder").run(None, {"latent": latent.numpy()})
+    assert image.shape == (batch, 3, size[0] * 8, size[1] * 8)
+    assert relative_error(image, image_ref) <= BOUND
+
+
+def test_manifest_records_request_files_and_io(tiny, tiny_onnx):
+    from sagrt import __version__
+
+    manifest = verify_export(tiny_onnx)
+    assert manifest["kind"] == "onnx" and manifest["sagrt_version"] == __version__
+    assert manifest["model_fingerprint"] == tiny.fingerprint and manifest["model_source"] == "tiny"
+    assert (manifest["opset"], manifest["precision"]) == (17, "fp32")
+    assert manifest["model_info"]["text_layers"] == 2 and manifest["sag_map_downsamplings"] == 1
+    for name in ("unet.onnx", "text_encoder.onnx", "vae_decoder.onnx", "tokenizer/tokenizer_config.json",
+                 "scheduler/scheduler_config.json"):
+        entry = manifest["files"][name]
+        assert entry["bytes"] == (tiny_onnx / name).stat().st_size
+        assert entry["sha256"] == artifacts.sha256_file(tiny_onnx / name)
+    assert manifest["networks"]["unet"]["outputs"] == [["noise_pred", "float32", ["B", 4, "H", "W"]],
+                                                       ["attn_score", "float32", ["B", "HM", "WM"]]]
+
+
+def test_matching_export_is_reused_and_force_redoes_it(tiny, tiny_onnx, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    before = (folder / "unet.onnx").stat().st_ino, artifacts.read_manifest(folder)["created"]
+    assert export_model(tiny, folder, progress=False) == folder
+    assert ((folder / "unet.onnx").stat().st_ino, artifacts.read_manifest(folder)["created"]) == before
+    export_model(tiny, folder, force=True, progress=False)
+    assert (folder / "unet.onnx").stat().st_ino != before[0]
+    verify_export(folder)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging or temporary files left
+
+
+def test_mismatched_request_is_refused_with_the_command(tiny, tiny_onnx):
+    with pytest.raises(ExportError, match=r"opset: found 17, wanted 18.*sagrt export --model tiny .* --force"):
+        export_model(tiny, tiny_onnx, opset=18, progress=False)
+
+
+def test_default_folder_comes_from_the_cache(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGRT_CACHE", str(tmp_path))
+    assert artifacts.artifact_dir(tiny.fingerprint, "onnx", "k") == tmp_path / tiny.fingerprint / "onnx" / "k"
+
+
+def test_external_data_forced(tiny, torch_runners, tmp_path):
+    folder = export_model(tiny, tmp_path / "ext", external_data=True, progress=False)
+    manifest = verify_export(folder)
+    for network in NETWORKS:
+        data = folder / f"{network}.onnx.data"
+        assert f"{network}.onnx.data" in manifest["files"] and data.stat().st_size > 10_000
+        assert (folder / f"{network}.onnx").stat().st_size < data.stat().st_size
+        onnx.checker.check_model(str(folder / f"{network}.onnx"))
+    gen = torch.Generator().manual_seed(5)
+    sample, context = torch.randn(2, 4, 8, 12, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    timestep = torch.tensor([400.0])
+    noise, score = session(folder, "unet").run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
+                                                      "encoder_hidden_states": context.numpy()})
+    with torch.no_grad():
+        noise_ref, score_ref = torch_runners.unet(sample, timestep, context)
+    assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
+    export_model(tiny, folder, force=True, external_data=False, progress=False)
+    assert not list(folder.glob("*.data")) and verify_export(folder)
+
+
+def test_fp16_export_keeps_the_score_float32(tiny, tmp_path):
+    folder = export_model(tiny, tmp_path / "fp16", precision="fp16", progress=False)
+    graph = onnx.load(str(folder / "unet.onnx")).graph
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+    assert dtypes == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
+                      "encoder_hidden_states": onnx.TensorProto.FLOAT16, "noise_pred": onnx.TensorProto.FLOAT16,
+                      "attn_score": onnx.TensorProto.FLOAT}
+    assert next(tiny.unet.parameters()).dtype == torch.float32  # the caller's modules are left in fp32
+    gen = torch.Generator().manual_seed(9)
+    sample, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    noise, score = session(folder, "unet").run(None, {"sample": sample.half().numpy(),
+                                                      "timestep": np.array([500.0], np.float32),
+                                                      "encoder_hidden_states": context.half().numpy()})
+    with torch.no_grad():
+        noise_ref, score_ref = TorchRunners(tiny).unet(sample, torch.tensor([500.0]), context)
+    assert relative_error(noise, noise_ref) <= 1e-2 and relative_error(score, score_ref) <= 1e-3
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_exported_graphs_pass_the_tensorrt_parser_check(tiny_onnx, network):
+    assert check_model(tiny_onnx / f"{network}.onnx") == []
+
+
+def test_tensorrt_check_reports_unsupported_ops_and_attributes():
+    h = onnx.helper
+    nodes = [
+        h.make_node("Det", ["x"], ["d"], name="det"),
+        h.make_node("Resize", ["x", "", "scales"], ["r"], name="resize", mode="cubic"),
+        h.make_node("MaxPool", ["x"], ["p"], name="pool", kernel_shape=[2, 2], dilations=[2, 2]),
+        h.make_node("FusedGemm", ["x", "x"], ["f"], name="fused", domain="com.microsoft"),
+        h.make_node("Relu", ["x"], ["ok"], name="relu"),
+    ]
+    graph = h.make_graph(nodes, "bad", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])],
+                         [h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in "drpf"] +
+                         [h.make_tensor_value_info("ok", onnx.TensorProto.FLOAT, None)],
+                         initializer=[h.make_tensor("scales", onnx.TensorProto.FLOAT, [4], [1, 1, 2, 2])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 22), h.make_opsetid("com.microsoft", 1)])
+    findings = {(f.node, f.op): f.reason for f in check_model(model)}
+    assert set(findings) == {("(model)", "opset"), ("det", "Det"), ("resize", "Resize"), ("pool", "MaxPool"),
+                             ("fused", "FusedGemm")}
+    assert "mode='cubic'" in findings[("resize", "Resize")]
+    assert "dilations" in findings[("pool", "MaxPool")] and "com.microsoft" in findings[("fused", "FusedGemm")]
+
+
+def test_other_sag_layer_is_exported_and_matches(tiny, tmp_path):
+    from sagrt.engine.onnxruntime_runner import OrtRunners
+
+    layer = "up_blocks.0.attentions.1.transformer_blocks.0.attn1"
+    folder = export_model(tiny, tmp_path / "layer", sag_layer=layer, progress=False)
+    runners = OrtRunners(folder, ["cpu"])
+    assert runners.manifest["sag_layer"] == layer and runners.info.sag_layer == layer
+    gen = torch.Generator().manual_seed(8)
+    sample, context = torch.randn(2, 4, 7, 10, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    noise, score = runners.unet(sample, torch.tensor(250), context)
+    with torch.no_grad():
+        noise_ref, score_ref = TorchRunners(tiny, sag_layer=layer).unet(sample, torch.tensor(250), context)
+    assert score.shape == score_ref.shape == (2, 4, 5)
+    assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
+
+
+def test_export_command_refuses_a_layer_that_is_not_self_attention(tmp_path, capsys):
+    from sagrt.runtime.cli import main
+
+    assert main(["export", "--model", "tiny", "--out", str(tmp_path / "x"), "--sag-layer", "mid_block.attn2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a self-attention layer" in err

@@ -1,0 +1,252 @@
+"""The onnxruntime backend: runners, providers, the whole SAG loop against torch, the parity command and the
+one-line errors for damaged or foreign exports."""
+
+import json
+import shutil
+import re
+
+import pytest
+import torch
+
+from conftest import relative_error
+from sagrt.engine.onnxruntime_runner import OrtInputError, OrtRunners, ProviderError, resolve_providers
+from sagrt.export import artifacts
+from sagrt.runtime import SAGPipeline
+from sagrt.runtime.backends import resolve_auto
+from sagrt.runtime.cli import main
+from sagrt.runtime.runners import ModelInfo, TorchRunners
+
+LOOP_BOUND = 1e-3  # DESIGN.md: final latents after the whole loop, onnxruntime fp32 vs torch fp32
+ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def ort_runners(tiny_onnx):
+    return OrtRunners(tiny_onnx, ["cpu"])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ---- runners ------------------------------------------------------------------------------------
+def test_io_binding_path_matches_the_plain_path(tiny_onnx, ort_runners):
+    bound = OrtRunners(tiny_onnx, ["cpu"], io_binding=True)
+    gen = torch.Generator().manual_seed(3)
+    sample, context = torch.randn(2, 4, 7, 9, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    input_ids = torch.randint(0, 591, (2, 77), generator=gen)
+    timestep = torch.tensor(500)
+    for a, b in zip(bound.unet(sample, timestep, context), ort_runners.unet(sample, timestep, context)):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(bound.encode_text(input_ids, clip_skip=1), ort_runners.encode_text(input_ids, clip_skip=1))
+    image = bound.decode(sample)
+    assert image.shape == (2, 3, 56, 72) and torch.allclose(image, ort_runners.decode(sample), atol=1e-6)
+
+
+def test_runner_calls_match_torch(tiny, ort_runners):
+    reference = TorchRunners(tiny)
+    gen = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, 591, (2, 77), generator=gen)
+    with torch.no_grad():
+        for clip_skip in (None, 0, 1):
+            assert relative_error(ort_runners.encode_text(input_ids, clip_skip),
+                                  reference.encode_text(input_ids, clip_skip)) <= 1e-5
+        sample, context = torch.randn(1, 4, 9, 7, generator=gen), torch.randn(1, 77, 32, generator=gen)
+        for a, b in zip(ort_runners.unet(sample, torch.tensor(999), context), reference.unet(sample, 999, context)):
+            assert a.shape == b.shape and relative_error(a, b) <= 1e-5
+    assert ort_runners.info == ModelInfo.of(tiny)
+
+
+def test_compiled_graphs_refuse_what_they_cannot_take(ort_runners):
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with pytest.raises(OrtInputError, match="cross_attention_kwargs"):
+        ort_runners.unet(sample, torch.tensor(1), context, cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(OrtInputError, match="clip_skip 3"):
+        ort_runners.encode_text(torch.zeros(1, 77, dtype=torch.long), clip_skip=3)
+
+
+def test_provider_resolution():
+    assert resolve_providers(None, ALL_GPU) == ALL_GPU
+    assert resolve_providers(None, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers("cuda,cpu", ALL_GPU) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(["TensorrtExecutionProvider"], ALL_GPU) == ["TensorrtExecutionProvider"]
+    with pytest.raises(ProviderError, match="unknown execution provider 'rocket'"):
+        resolve_providers("rocket", ALL_GPU)
+    with pytest.raises(ProviderError, match="'cuda' .* is not installed here.*onnxruntime-gpu"):
+        resolve_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_auto_backend_picks_onnxruntime():
+    assert resolve_auto("auto") == "onnxruntime" and resolve_auto("torch") == "torch"
+
+
+@pytest.mark.gpu
+def test_cuda_provider_keeps_tensors_on_the_device(tiny, tiny_onnx):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDA execution provider (install onnxruntime-gpu)")
+    runners = OrtRunners(tiny_onnx, ["cuda"])
+    assert runners.io_binding and runners.device.type == "cuda"
+    sample, context = torch.randn(2, 4, 8, 12, device="cuda"), torch.randn(2, 77, 32, device="cuda")
+    noise, score = runners.unet(sample, torch.tensor(500), context)
+    assert noise.device.type == "cuda" and score.device.type == "cuda"
+    with torch.no_grad():
+        noise_ref, score_ref = TorchRunners(tiny).unet(sample.cpu(), 500, context.cpu())
+    assert relative_error(noise.cpu(), noise_ref) <= 1e-4 and relative_error(score.cpu(), score_ref) <= 1e-4
+
+
+# ---- the whole loop -----------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
+def test_whole_loop_matches_torch(tiny, tiny_onnx, scheduler, guidance):
+    results = {}
+    for name in ("torch", "onnxruntime"):
+        options = {"export_dir": tiny_onnx, "providers": "cpu"} if name == "onnxruntime" else {}
+        pipe = SAGPipeline.from_pretrained("tiny", backend=name, scheduler=scheduler, **options)
+        pipe.set_progress_bar_config(disable=True)
+        results[name] = pipe(["a photo of a cat", "a red car"], negative_prompt=["blurry", "dark"], height=64,
+                             width=96, num_inference_steps=5, guidance_scale=guidance, sag_scale=0.75,
+                             generator=torch.Generator().manual_seed(11), output_type="latent").images
+    assert results["torch"].shape == (2, 4, 8, 12)
+    assert relative_error(results["onnxruntime"], results["torch"]) <= LOOP_BOUND
+
+
+def test_backend_exports_on_first_use_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGRT_CACHE", str(tmp_path))
+    first = SAGPipeline.from_pretrained("tiny", backend="onnxruntime")
+    folder = first.runners.export_dir
+    assert folder.is_relative_to(tmp_path) and (folder / "unet.onnx").is_file()
+    inode = (folder / "unet.onnx").stat().st_ino
+    second = SAGPipeline.from_pretrained("tiny", backend="auto")
+    assert second.runners.name == "onnxruntime" and second.runners.export_dir == folder
+    assert (folder / "unet.onnx").stat().st_ino == inode
+
+
+# ---- sagrt parity -------------------------------------------------------------------------------
+def test_parity_command_prints_each_step_and_passes(tiny_onnx, capsys):
+    code = main(["parity", "--model", "tiny", "--export-dir", str(tiny_onnx), "--backends", "onnxruntime,torch",
+                 "--steps", "4", "--height", "64", "--width", "64", "--scheduler", "dpm++2m"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert code == 0 and len(rows) == 4
+    for row in rows:
+        assert float(row[2]) <= 1e-4 and float(row[4]) <= 1e-3  # noise_pred, latents
+        differ, total = map(int, row[5].split("/"))
+        assert total == 2 * 4 * 4 and differ <= total  # 2 images, 4x4 SAG map
+    assert out.strip().endswith(": ok")
+
+
+def test_parity_command_fails_past_its_bound(tiny_onnx, capsys):
+    code = main(["parity", "--model", "tiny", "--export-dir", str(tiny_onnx), "--steps", "2", "--height", "64",
+                 "--width", "64", "--latent-bound", "1e-12"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL: final latents error" in out
+
+
+def test_parity_command_refuses_a_bad_backend_list(capsys):
+    assert main(["parity", "--backends", "onnxruntime"]) == 2
+    assert "--backends" in one_line_error(capsys)
+
+
+# ---- damaged and foreign exports, providers: one line, exit 2 -----------------------------------
+def generate(folder, tmp_path, *extra):
+    return main(["generate", "a cat", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+                 "--height", "64", "--width", "64", "--out", str(tmp_path / "images"), *extra])
+
+
+def damaged_copy(tiny_onnx, tmp_path, damage):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    damage(folder)
+    return folder
+
+
+def flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def edit_manifest(folder, **changes):
+    manifest = artifacts.read_manifest(folder)
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+DAMAGES = {
+    "missing": (lambda f: (f / "unet.onnx").unlink(), "unet.onnx is missing"),
+    "truncated": (lambda f: (f / "vae_decoder.onnx").write_bytes((f / "vae_decoder.onnx").read_bytes()[:1000]),
+                  "vae_decoder.onnx .* is truncated"),
+    "corrupted": (lambda f: flip_one_byte(f / "text_encoder.onnx"), "text_encoder.onnx .* is corrupted"),
+    "other model": (lambda f: edit_manifest(f, model_fingerprint="preset-0000000000000000"),
+                    "model_fingerprint: found 'preset-0000000000000000'"),
+    "other version": (lambda f: edit_manifest(f, sagrt_version="0.0.1"), "sagrt_version: found '0.0.1'"),
+}
+
+
+def test_unreadable_manifest_is_no_export(tiny_onnx, tmp_path):
+    """An unreadable manifest means an unfinished export: the backend exports again, `verify_export` refuses it."""
+    from sagrt.export.onnx_export import ExportError, verify_export
+
+    folder = damaged_copy(tiny_onnx, tmp_path, lambda f: (f / "manifest.json").write_text("{not json"))
+    with pytest.raises(ExportError, match="holds no ONNX export.*sagrt export --model MODEL"):
+        verify_export(folder)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_or_foreign_export_is_one_line_exit_2(tiny_onnx, tmp_path, capsys, damage):
+    action, message = DAMAGES[damage]
+    folder = damaged_copy(tiny_onnx, tmp_path, action)
+    assert generate(folder, tmp_path) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("sagrt generate: error: ")
+    assert re.search(message, err), err
+    assert "sagrt export --model tiny --out" in err and "--force" in err
+    assert not (tmp_path / "images").exists()
+
+
+def test_export_command_refuses_a_corrupted_export_until_forced(tiny_onnx, tmp_path, capsys):
+    folder = damaged_copy(tiny_onnx, tmp_path, lambda f: flip_one_byte(f / "unet.onnx"))
+    assert main(["export", "--model", "tiny", "--out", str(folder)]) == 2
+    assert "unet.onnx" in one_line_error(capsys)
+    assert main(["export", "--model", "tiny", "--out", str(folder), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"exported tiny to {folder}/" in out and "every operator and attribute is supported" in out
+    assert main(["export", "--model", "tiny", "--out", str(folder)]) == 0
+    assert "reused the matching export" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("provider, message", [("rocket", "unknown execution provider 'rocket'"),
+                                               ("cuda", "is not installed here")])
+def test_unavailable_provider_is_one_line_exit_2(tiny_onnx, tmp_path, capsys, provider, message):
+    import onnxruntime
+
+    if provider == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the provider is available")
+    assert generate(tiny_onnx, tmp_path, "--provider", provider) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_generate_runs_on_onnxruntime(tiny_onnx, tmp_path, capsys):
+    assert generate(tiny_onnx, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "backend onnxruntime" in out and (tmp_path / "images" / "sagrt-0-0.png").is_file()
+
+
+def test_export_of_another_precision_names_the_command_that_makes_it(tiny_onnx):
+    from sagrt.export.onnx_export import ExportError
+
+    with pytest.raises(ExportError, match=r"precision: found 'fp32', wanted 'fp16'.*--model tiny .*--precision fp16 "
+                                          r"--force"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", export_dir=tiny_onnx, torch_dtype=torch.float16)
+
+
+def test_unknown_backend_option_is_refused():
+    from sagrt.runtime.backends import BackendError
+
+    with pytest.raises(BackendError, match="no options \\['bogus'\\]"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", bogus=1)
