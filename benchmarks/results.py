@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,14 +49,7 @@ def smoke(config: BenchConfig) -> BenchConfig:
                                cfg_repeats=None if config.cfg_repeats is None else min(config.cfg_repeats, 1))
 
 
-def prepare(models) -> None:
-    """Exports each model to ONNX once, so no measured process pays for (or keeps memory of) an export."""
-    for model in sorted(models):
-        subprocess.run([sys.executable, "-m", "sagrt.runtime.cli", "export", "--model", model], check=True)
-
-
 def measure(runs: dict[str, BenchConfig], out: Path, label: str | None) -> None:
-    prepare({config.model for config in runs.values()})
     for name, config in runs.items():
         start = time.perf_counter()
         report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -2,7 +2,8 @@
 
 Every (backend, size) is measured in a fresh Python process (`python -m sagrt.runtime.benchmark CASE OUT`),
 so its peak RSS is its own and not the high-water mark of whatever ran before it. In that process:
-load (untimed; a first onnxruntime load also exports), reset the peak-memory counters, `warmup` untimed runs,
+load (untimed; the parent has loaded each engine backend once before in a process of its own, so exports and
+engine builds are done and cached), reset the peak-memory counters, `warmup` untimed runs,
 `repeats` timed SAG runs, then `cfg_repeats` timed runs with sag_scale=0 (CFG only) for the SAG overhead.
 Per-run numbers are reduced by the median. A step is the denoising loop's time (first UNet call to the callback
 after the last scheduler step) over its iterations; loop overhead is that time minus the UNet calls, over it.
@@ -302,6 +303,11 @@ def load_sagrt(case: dict, log: CallLog):
     return pipe, pipe.runners.device, []
 
 
+def load(case: dict, log: CallLog):
+    """(pipeline, device, timing hooks) for the case's backend."""
+    return load_diffusers(case, log) if case["backend"] == BASELINE else load_sagrt(case, log)
+
+
 def run_once(pipe, log: CallLog, case: dict, sag_scale: float):
     """One timed generation; returns (its numbers, final latents, images [B, H, W, 3] in [0, 1])."""
     log.reset()
@@ -349,10 +355,7 @@ def measure(case: dict, progress=print) -> dict:
     """Everything one worker reports for one (backend, size): numbers, final latents and images."""
     log = CallLog()
     load_start = time.perf_counter()
-    if case["backend"] == BASELINE:
-        pipe, device, hooks = load_diffusers(case, log)
-    else:
-        pipe, device, hooks = load_sagrt(case, log)
+    pipe, device, hooks = load(case, log)
     pipe.set_progress_bar_config(disable=True)
     log.cuda = device.type == "cuda"
     load_s = time.perf_counter() - load_start
@@ -399,7 +402,11 @@ def worker_main(case_path: str, out_path: str) -> int:
     case = json.loads(Path(case_path).read_text())
     torch.set_grad_enabled(False)
     try:
-        payload = measure(case, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        if case.get("load_only"):
+            load(case, CallLog())
+            payload = {}
+        else:
+            payload = measure(case, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (SagrtError, FileNotFoundError) as err:
         torch.save({"error": str(err).splitlines()[0] if str(err) else type(err).__name__}, out_path)
         return 2
@@ -411,7 +418,7 @@ def worker_main(case_path: str, out_path: str) -> int:
 
 def run_worker(case: dict, folder: Path) -> dict:
     """Measures one case in a fresh Python process; its progress lines go to our stderr."""
-    stem = f"{case['backend']}-{case['height']}x{case['width']}"
+    stem = f"{case['backend']}-{case['height']}x{case['width']}" + ("-load" if case.get("load_only") else "")
     case_path, out_path = folder / f"{stem}.json", folder / f"{stem}.pt"
     case_path.write_text(json.dumps(case))
     code = subprocess.run([sys.executable, "-m", "sagrt.runtime.benchmark", str(case_path), str(out_path)]).returncode
@@ -466,6 +473,11 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
     cases = [(size, backend) for size in config.sizes for backend in (BASELINE, *config.backends)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="sagrt-bench-") as tmp:
+        for backend in config.backends:
+            if backend != "torch":  # torch has no artifacts; the others export or build engines on first load
+                progress(f"[prepare] {backend}: one untimed load in its own process, so that no measured process "
+                         f"pays for (or keeps the memory of) an export or engine build")
+                run_worker(dict(config.case(backend, config.sizes[0]), load_only=True), Path(tmp))
         measured: dict[str, dict] = {}
         for k, (size, backend) in enumerate(cases, 1):
             progress(f"[{k}/{len(cases)}] {backend} {size[0]}x{size[1]} batch {config.batch}, {config.steps} steps, "
