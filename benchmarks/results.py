@@ -68,8 +68,10 @@ def verdict(value: float, comparison: str, target: float) -> str:
     """'met', or by how much the target is missed."""
     if comparison == ">=":
         return "met" if value >= target else f"missed: {value / target:.0%} of the target ({target / value:.2f}x short)"
-    met = value < target if comparison == "<" else value <= target
-    return "met" if met else f"missed: {value / target:.2f}x the limit"
+    if (value < target) if comparison == "<" else (value <= target):
+        return "met"
+    over = value / target
+    return f"missed: {over:.1f}x the limit" if over >= 1.1 else f"missed: {over - 1:.1%} over the limit"
 
 
 def targets_table(reports: dict) -> str:

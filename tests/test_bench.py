@@ -202,7 +202,8 @@ def test_results_page_states_targets_and_misses(bench_run):
     assert f"| {ours['speedup_end_to_end']:.2f}x | >= 4.00x |" in text
     assert "onnxruntime end to end vs diffusers, small 256x256 | not measured" in text
     assert results.verdict(3.0, ">=", 4.0) == "missed: 75% of the target (1.33x short)"
-    assert results.verdict(0.06, "<", 0.03) == "missed: 2.00x the limit"
+    assert results.verdict(0.06, "<", 0.03) == "missed: 2.0x the limit"
+    assert results.verdict(1.003, "<=", 1.0) == "missed: 0.3% over the limit"
     assert results.verdict(1.0, "<=", 1.0) == "met"
 
 
