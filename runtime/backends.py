@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -26,9 +27,14 @@ def default_device(device: str | None) -> torch.device:
 
 
 def resolve_auto(backend: str) -> str:
-    """'auto' -> the fastest backend installed here; any other name is returned as asked."""
+    """'auto' -> the fastest backend usable here: tensorrt (TensorRT and a GPU), else onnxruntime, else torch.
+    Any other name is returned as asked."""
     if backend != "auto":
         return backend
+    from sagrt.engine.tensorrt_build import tensorrt_missing
+
+    if not tensorrt_missing():
+        return "tensorrt"
     return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
@@ -44,6 +50,12 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
             raise BackendError(f"backend onnxruntime has no options {unknown}: it takes "
                                f"{', '.join(ONNXRUNTIME_OPTIONS)}")
         return load_onnxruntime(model, device, dtype, safety_checker, sag_layer, **options)
+    if backend == "tensorrt":
+        from sagrt.engine.tensorrt_runner import load_runners
+
+        # precision is the engines' (sagrt build --precision); dtype only concerns the torch backend
+        runners = load_runners(model, device=device, sag_layer=sag_layer, **options)
+        return (runners, *saved_parts(runners.engine_dir, model, safety_checker, runners))
     if backend != "torch":
         raise BackendError(f"backend {backend!r} is not available in this build")
     if options:
@@ -62,11 +74,9 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
                      providers=None, export_dir=None, opset=None, io_binding=None):
     """ONNX Runtime runners over the model's export (made on first use, reused afterwards); tokenizer,
     scheduler and ModelInfo come from the export folder, a model folder's safety checker runs in torch."""
-    from transformers import CLIPTokenizer
-
     from sagrt.engine.onnxruntime_runner import OrtRunners
     from sagrt.export import artifacts
-    from sagrt.export.models import PRESETS, load_safety_checker, load_scheduler, model_fingerprint
+    from sagrt.export.models import model_fingerprint
     from sagrt.export.onnx_export import DEFAULT_OPSET, export_folder, export_model, request_fields
 
     precision = "fp16" if dtype == torch.float16 else "fp32"
@@ -80,10 +90,21 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
     device_id = (torch.device(device).index or 0) if device is not None else 0
     runners = OrtRunners(folder, providers, device_id=device_id, io_binding=io_binding,
                          wanted=request_fields(fingerprint, opset, precision, sag_layer), model=str(model))
+    return (runners, *saved_parts(folder, model, safety_checker, runners))
+
+
+def saved_parts(folder, model, safety_checker: bool, runners):
+    """(tokenizer, scheduler, ModelInfo, (safety checker, feature extractor)) for runners over an export or
+    engine folder: tokenizer and scheduler saved there, the model folder's safety checker run in torch."""
+    from transformers import CLIPTokenizer
+
+    from sagrt.export.models import PRESETS, load_safety_checker, load_scheduler
+
+    folder = Path(folder)
     checker = (None, None)
     if safety_checker and str(model) not in PRESETS:
         checker = load_safety_checker(model)
         if checker[0] is not None:
             checker[0].to(runners.device)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    return runners, tokenizer, load_scheduler(folder / "scheduler"), runners.info, checker
+    return tokenizer, load_scheduler(folder / "scheduler"), runners.info, checker

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sagrt.errors import SagrtError
+from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.pipeline import SAGConfig
 from sagrt.runtime.schedulers import scheduler_names
@@ -31,24 +32,42 @@ def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
+    parser.add_argument("--engine-dir", default=None, metavar="DIR",
+                        help="tensorrt backend: engines from `sagrt build --out DIR` (default: build on first use)")
+    parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
+                        help=f"self-attention layer SAG reads, torch backend (default: {MID_BLOCK_LAYER}; "
+                             "e.g. up_blocks.1.attentions.0.transformer_blocks.0.attn1)")
 
 
 def add_sampling_arguments(parser):
+    """Arguments of one generation: the shared ones plus one scheduler and one SAG scale."""
+    add_denoise_arguments(parser)
+    parser.add_argument("--sag-scale", type=float, default=0.75, help="self-attention guidance (default: 0.75)")
+    parser.add_argument("--scheduler", default=None, metavar="NAME",
+                        help=f"one of {', '.join(scheduler_names())} (default: the model's)")
+    add_sag_arguments(parser)
+
+
+def add_denoise_arguments(parser):
+    """Arguments shared by every command that denoises, whatever scheduler and SAG scale it runs."""
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
-    parser.add_argument("--sag-scale", type=float, default=0.75, help="self-attention guidance (default: 0.75)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
-    parser.add_argument("--scheduler", default=None, metavar="NAME",
-                        help=f"one of {', '.join(scheduler_names())} (default: the model's)")
     parser.add_argument("--karras-sigmas", action="store_true", help="Karras sigma spacing, where the scheduler has it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sag-threshold", type=float, default=1.0, help="mask threshold on the attention score")
-    parser.add_argument("--sag-blur-sigma", type=float, default=1.0)
+
+
+def add_sag_arguments(parser):
+    """SAG's own controls; defaults are diffusers' values."""
+    parser.add_argument("--sag-threshold", type=float, default=1.0,
+                        help="mask positions whose attention score exceeds this (default: 1.0)")
+    parser.add_argument("--sag-blur-sigma", type=float, default=1.0, help="Gaussian blur sigma (default: 1.0)")
     parser.add_argument("--sag-blur-kernel", type=int, default=9, help="odd blur kernel size (default: 9)")
     parser.add_argument("--sag-window", default="0:1", metavar="START:END",
-                        help="fractions of the schedule where SAG runs (default: 0:1, every step)")
+                        help="fractions of the schedule where SAG runs; outside it no degraded UNet pass "
+                             "(default: 0:1, every step)")
 
 
 def sag_config(args) -> SAGConfig:
@@ -61,23 +80,30 @@ def sag_config(args) -> SAGConfig:
 
 
 def backend_options(args, backend: str) -> dict:
-    """Options of the onnxruntime backend given on the command line, for that backend only."""
+    """Options of the chosen backend given on the command line, for that backend only."""
     from sagrt.runtime.backends import resolve_auto
 
-    options = {"providers": args.provider, "export_dir": args.export_dir}
-    if resolve_auto(backend) != "onnxruntime":
-        return {}
+    options = {"onnxruntime": {"providers": args.provider, "export_dir": args.export_dir},
+               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(resolve_auto(backend), {})
     return {key: value for key, value in options.items() if value is not None}
 
 
-def load_pipeline(args, backend: str | None = None, **extra_options):
+def open_pipeline(args, backend: str | None = None, **extra_options):
+    """The pipeline of --model/--backend/--device/--dtype/--sag-layer and the backend's options, with the
+    model's own scheduler."""
     from sagrt.runtime.pipeline import SAGPipeline
-    from sagrt.runtime.schedulers import make_scheduler
 
     backend = backend or args.backend
-    pipe = SAGPipeline.from_pretrained(args.model, backend=backend, device=args.device,
+    return SAGPipeline.from_pretrained(args.model, backend=backend, device=args.device,
                                        torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
-                                       **backend_options(args, backend), **extra_options)
+                                       sag_layer=args.sag_layer, **backend_options(args, backend), **extra_options)
+
+
+def load_pipeline(args, backend: str | None = None, **extra_options):
+    """open_pipeline with the scheduler of --scheduler/--karras-sigmas."""
+    from sagrt.runtime.schedulers import make_scheduler
+
+    pipe = open_pipeline(args, backend, **extra_options)
     if args.scheduler is not None or args.karras_sigmas:
         name = args.scheduler or type(pipe.scheduler).__name__
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config, karras_sigmas=args.karras_sigmas or None)

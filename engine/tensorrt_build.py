@@ -1,0 +1,317 @@
+"""ONNX -> TensorRT engines for the GPU at hand, with the TensorRT Python API (no shelling out).
+
+One engine per exported network (unet, text_encoder, vae_decoder), one optimisation profile each
+(engine/profiles.py). Networks are strongly typed: precision comes from the exported graph, whose
+casts keep the SAG score path in float32 also in fp16 exports (weak typing is deprecated since
+TensorRT 10.12 and removed in 11). Engines and the timing cache are written atomically; the
+manifest is written last, so a folder with a manifest is a finished build.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
+from sagrt.errors import SagrtError
+from sagrt.export.artifacts import atomic_path, read_manifest, sha256_file, write_bytes_atomic, write_manifest
+from sagrt.export.attention import MID_BLOCK_LAYER
+
+TENSORRT_MIN = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) arrived in 10.1
+INSTALL = "on a machine with an NVIDIA GPU and CUDA, install it with: pip install 'sagrt[tensorrt]'"
+COPIED_FOLDERS = ("tokenizer", "scheduler")  # what the loop needs besides engines, copied from the export
+
+
+class TensorRTUnavailable(SagrtError):
+    """TensorRT or a CUDA GPU is missing here."""
+
+
+class BuildError(SagrtError):
+    """An export TensorRT cannot build from; the message says how to redo it."""
+
+
+# ---- what this machine has ---------------------------------------------------------------------
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+def tensorrt_missing() -> list[str]:
+    """Why TensorRT engines cannot run here; empty when they can."""
+    reasons = []
+    try:
+        import tensorrt
+    except (ImportError, OSError):
+        reasons.append("TensorRT is not installed")
+    else:
+        if _version(tensorrt.__version__) < TENSORRT_MIN:
+            reasons.append(f"TensorRT {tensorrt.__version__} is older than {'.'.join(map(str, TENSORRT_MIN))}")
+    return reasons + [reason for reason in [cuda_missing()] if reason]
+
+
+def cuda_missing() -> str | None:
+    """Why torch cannot run on a CUDA GPU here; None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+def require_tensorrt(what: str):
+    """The tensorrt module, or a one-line error saying what is missing and how to install it."""
+    reasons = tensorrt_missing()
+    if reasons:
+        raise TensorRTUnavailable(f"{what} needs TensorRT and an NVIDIA GPU, but {' and '.join(reasons)}; {INSTALL}")
+    import tensorrt
+
+    return tensorrt
+
+
+def this_platform(trt, device: int | None = None) -> dict:
+    """What an engine is tied to: GPU model, compute capability and TensorRT version."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}",
+            "tensorrt_version": trt.__version__}
+
+
+# ---- paths and the rebuild command -------------------------------------------------------------
+def default_engine_dir(fingerprint: str, key: str) -> Path:
+    """Where engines live when no --out is given: the one place engine paths come from artifacts."""
+    from sagrt.export.artifacts import artifact_dir
+
+    return Path(artifact_dir(fingerprint, "tensorrt", key))
+
+
+def rebuild_command(manifest: dict, engine_dir: str | Path, config: BuildConfig | None = None) -> str:
+    """The `sagrt build` command that remakes the engines of a manifest (with `config` if given)."""
+    config = config or BuildConfig.from_dict(manifest["build_config"])
+    layer = manifest.get("sag_layer", MID_BLOCK_LAYER)
+    parts = ["sagrt build --model", shlex.quote(str(manifest["model_source"])), "--out", shlex.quote(str(engine_dir)),
+             config.cli_args()]
+    parts += [f"--sag-layer {layer}"] if layer != MID_BLOCK_LAYER else []
+    return " ".join(parts + ["--force"])
+
+
+# ---- progress ----------------------------------------------------------------------------------
+class BuildProgress:
+    """One progress bar per TensorRT optimiser phase, nested as TensorRT nests them.
+    TensorRT calls this from its builder threads, hence the lock."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled = label, enabled
+        self.bars: dict[str, tqdm] = {}
+        self.lock = threading.Lock()
+
+    def phase_start(self, phase: str, parent: str | None, steps: int) -> None:
+        with self.lock:
+            self.bars[phase] = tqdm(total=steps, desc=f"{self.label}: {phase}", position=len(self.bars),
+                                    leave=parent is None, disable=not self.enabled)
+
+    def step_complete(self, phase: str, step: int) -> bool:
+        with self.lock:
+            bar = self.bars.get(phase)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
+        return True  # False would cancel the build
+
+    def phase_finish(self, phase: str) -> None:
+        with self.lock:
+            bar = self.bars.pop(phase, None)
+            if bar is not None:
+                bar.close()
+
+    def close(self) -> None:
+        with self.lock:
+            for bar in self.bars.values():
+                bar.close()
+            self.bars.clear()
+
+
+def progress_monitor(trt, display: BuildProgress):
+    """Adapts BuildProgress to TensorRT's IProgressMonitor interface (TensorRT >= 10)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            display.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return display.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name):
+            display.phase_finish(phase_name)
+
+    return Monitor()
+
+
+# ---- the build ---------------------------------------------------------------------------------
+def check_output_dtypes(network: str, outputs: dict[str, str]) -> None:
+    """The UNet must hand SAG its attention score, in float32 (TensorRT dtype names: FLOAT, HALF...)."""
+    if network != "unet":
+        return
+    if "attn_score" not in outputs:
+        raise BuildError(f"the exported UNet has no attn_score output (outputs: {', '.join(outputs)}): "
+                         "re-export it with: sagrt export --force")
+    if outputs["attn_score"] != "FLOAT":
+        raise BuildError(f"the exported UNet's attn_score is {outputs['attn_score']}, not float32: re-export it "
+                         "with a sagrt that keeps the score path in float32 (sagrt export --force)")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build will make, decided from the export manifest, the config and this machine."""
+
+    export_dir: Path
+    export: dict
+    config: BuildConfig  # resolved against the model
+    platform: dict
+    key: str
+    profiles: dict[str, dict]
+
+    @classmethod
+    def make(cls, export_dir: str | Path, config: BuildConfig, platform: dict) -> "BuildPlan":
+        from sagrt.runtime.runners import ModelInfo
+
+        export_dir = Path(export_dir)
+        export = read_manifest(export_dir)
+        if not export or export.get("kind") != "onnx":
+            raise BuildError(f"{export_dir} holds no sagrt ONNX export (manifest.json missing or not an export): "
+                             "make one with: sagrt export --model M")
+        info = ModelInfo(**export["model_info"])
+        config = config.resolved(info)
+        if export["precision"] != config.precision:
+            raise BuildError(f"the export in {export_dir} is {export['precision']} but the build asks for "
+                             f"{config.precision}: export with --precision {config.precision}")
+        onnx = {network: export["files"][f"{network}.onnx"]["sha256"] for network in export["networks"]}
+        gpu = {k: platform[k] for k in ("gpu", "compute_capability")}
+        key = cache_key(config, platform["tensorrt_version"], onnx, gpu)
+        return cls(export_dir, export, config, platform, key, build_profiles(export, config, info.vae_scale_factor))
+
+    def engine_file(self, network: str) -> str:
+        return engine_filename(network, self.platform["tensorrt_version"])
+
+    def is_built(self, engine_dir: Path) -> bool:
+        """A finished build of this plan is in `engine_dir` (same key, every engine file whole)."""
+        manifest = read_manifest(engine_dir)
+        if not manifest or manifest.get("cache_key") != self.key:
+            return False
+        return all((engine_dir / e["file"]).is_file() and (engine_dir / e["file"]).stat().st_size == e["bytes"]
+                   for e in manifest["engines"].values())
+
+    def manifest(self, engine_dir: Path, engine_files: dict[str, dict]) -> dict:
+        from sagrt import __version__
+
+        export = self.export
+        return {
+            "kind": "tensorrt", "sagrt_version": __version__, "cache_key": self.key, **self.platform,
+            "precision": self.config.precision, "build_config": self.config.to_dict(),
+            "model_fingerprint": export["model_fingerprint"], "model_source": export["model_source"],
+            "model_info": export["model_info"], "sag_layer": export["sag_layer"],
+            "export_dir": str(self.export_dir.resolve()),
+            "onnx": {n: {"file": f"{n}.onnx", "sha256": export["files"][f"{n}.onnx"]["sha256"]}
+                     for n in export["networks"]},
+            "engines": {n: {**engine_files[n], **export["networks"][n], "profile": self.profiles[n]}
+                        for n in export["networks"]},
+        }
+
+
+def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict, config: BuildConfig,
+                 timing_cache: Path, progress: bool) -> None:
+    """Parses one ONNX file into a strongly typed network and writes its engine atomically."""
+    network_name = onnx_path.stem
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so external data files are found
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors[0] if errors else 'unknown error'}")
+    check_output_dtypes(network_name, {network.get_output(i).name: network.get_output(i).dtype.name
+                                       for i in range(network.num_outputs)})
+
+    build_config = builder.create_builder_config()
+    build_config.builder_optimization_level = config.optimization_level
+    if config.precision == "fp32":
+        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
+    if config.workspace_gib:
+        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
+    optimization_profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimization_profile.set_shape(name, low, opt, high)
+    build_config.add_optimization_profile(optimization_profile)
+    cache = build_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    if not build_config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another GPU or TensorRT: start from an empty one rather than use foreign tactics
+        build_config.set_timing_cache(build_config.create_timing_cache(b""), ignore_mismatch=False)
+    display = BuildProgress(f"build {network_name}", enabled=progress)
+    monitor = progress_monitor(trt, display)  # held here: TensorRT keeps no Python reference to it
+    build_config.progress_monitor = monitor
+    try:
+        plan = builder.build_serialized_network(network, build_config)
+    finally:
+        display.close()
+    if plan is None:
+        raise BuildError(f"TensorRT could not build the {network_name} engine (its log above says why)")
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(plan)
+    write_bytes_atomic(timing_cache, bytes(build_config.get_timing_cache().serialize()))
+
+
+def copy_folder_atomic(source: Path, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str | Path | None = None, *,
+                  force: bool = False, progress: bool = True) -> Path:
+    """Builds (or reuses) the engines of one export for this GPU; returns their folder."""
+    trt = require_tensorrt("building TensorRT engines")
+    plan = BuildPlan.make(export_dir, config, this_platform(trt))
+    engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(plan.export["model_fingerprint"], plan.key)
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    if not force and plan.is_built(engine_dir):
+        if progress:
+            print(f"TensorRT engines up to date in {engine_dir}")
+        return engine_dir
+    (engine_dir / "manifest.json").unlink(missing_ok=True)  # a half-rebuilt folder must not look finished
+    timing_cache = Path(plan.config.timing_cache) if plan.config.timing_cache else engine_dir / "timing.cache"
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine_files = {}
+    for network, profile in plan.profiles.items():
+        path, start = engine_dir / plan.engine_file(network), time.perf_counter()
+        build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config, timing_cache,
+                     progress)
+        engine_files[network] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                                 "build_seconds": round(time.perf_counter() - start, 1)}
+        if progress:
+            print(f"built {path.name}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+    for folder in COPIED_FOLDERS:
+        copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
+    write_manifest(engine_dir, plan.manifest(engine_dir, engine_files))
+    return engine_dir
+
+
+def build_for_model(model, config: BuildConfig, out: str | Path | None = None, *, sag_layer: str = MID_BLOCK_LAYER,
+                    force: bool = False, progress: bool = True) -> Path:
+    """Exports `model` if needed (reusing a matching export), then builds its engines."""
+    require_tensorrt("building TensorRT engines")  # before any export work
+    from sagrt.export.onnx_export import export_model
+
+    export_dir = export_model(model, precision=config.precision, sag_layer=sag_layer, progress=progress)
+    return build_engines(export_dir, config, out, force=force, progress=progress)
