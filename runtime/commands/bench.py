@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from sagrt.export.artifacts import write_bytes_atomic
-from sagrt.runtime.benchmark import PROMPT, BenchConfig, BenchError, markdown, parse_sizes, run_bench
+from sagrt.runtime.benchmark import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
 from sagrt.runtime.commands.common import writable_dir
-from sagrt.runtime.schedulers import scheduler_names
+from sagrt.runtime.schedulers import canonical_name, scheduler_names
 
 
 def add_arguments(parser):
@@ -51,10 +51,7 @@ def run(args) -> int:
         if path:
             writable_dir(Path(path).parent)  # fail before minutes of measuring, not after
     if args.scheduler is not None:
-        from sagrt.runtime.schedulers import SCHEDULERS, ALIASES
-
-        if args.scheduler.lower() not in SCHEDULERS and args.scheduler.lower() not in ALIASES:
-            raise BenchError(f"unknown scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        canonical_name(args.scheduler)  # an unknown name fails here, not in the first worker
     report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     text = markdown(report)
     print(text)
