@@ -115,8 +115,8 @@ def _loop_profile(model: str, height: int, width: int, steps: int, backend: str)
         where = name if file == "~" else f"{name} ({Path(file).name}:{line})"
         ops[where] += self_time * 1e3 / steps
     return dict(engine=f"sagrt {backend} with torch threads {torch.get_num_threads()}, whole generation "
-                       f"(cProfile self time)", step_ms=wall * 1e3, ops=dict(ops),
-                calls_per_step=None)
+                       f"(cProfile self time)", step_ms=wall * 1e3, ops=dict(ops), calls_per_step=None,
+                torch_threads=torch.get_num_threads())
 
 
 def op_table(profile: dict, top: int = TOP) -> str:
@@ -133,6 +133,52 @@ def op_table(profile: dict, top: int = TOP) -> str:
     return "\n".join(lines)
 
 
+def share(profile: dict, names) -> float:
+    """Fraction of the profiled time spent in the ops for which `names(op)` is true."""
+    total = sum(profile["ops"].values())
+    return sum(ms for op, ms in profile["ops"].items() if names(op)) / total
+
+
+def top_ops(profile: dict, count: int = 3, names=lambda op: True) -> str:
+    total = sum(profile["ops"].values())
+    ranked = sorted(((op, ms) for op, ms in profile["ops"].items() if names(op)), key=lambda item: -item[1])
+    return ", ".join(f"{op} {ms / total:.0%}" for op, ms in ranked[:count])
+
+
+def summary(profiles: list[dict]) -> str:
+    """What the profiles show, in sentences computed from them."""
+    ort, eager, *loops = profiles
+    lines = [f"- Inside the UNet calls, ONNX Runtime spends {top_ops(ort)}; eager diffusers spends {top_ops(eager)}."]
+    is_run = lambda op: "onnxruntime" in op and ".run>" in op  # noqa: E731  (the session.run built-in)
+    for loop in loops:
+        rest = (1 - share(loop, is_run)) * loop["step_ms"]
+        lines.append(f"- Whole onnxruntime generation with torch on {loop['torch_threads']} thread(s): "
+                     f"{loop['step_ms']:.1f} ms per step, {share(loop, is_run):.0%} in ONNX Runtime's run calls; "
+                     f"the rest, {rest:.1f} ms per step, is sagrt's loop in torch and Python "
+                     f"(largest: {top_ops(loop, names=lambda op: not is_run(op))}).")
+    return "\n".join(lines)
+
+
+def collect(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> dict:
+    """Every profile of one step, JSON-ready: the UNet operators of both engines and the onnxruntime loop (again
+    with torch on one thread when it has more, since ONNX Runtime's and torch's thread pools share the cores)."""
+    profiles = [ort_profile(model, height, width, batch, calls), torch_profile(model, height, width, batch, calls),
+                loop_profile(model, height, width)]
+    if torch.get_num_threads() > 1:
+        profiles.append(loop_profile(model, height, width, torch_threads=1))
+    command = (f"python benchmarks/profile_step.py --model {model} --size {height}x{width} --batch {batch} "
+               f"--calls {calls}")
+    return dict(command=command, profiles=profiles)
+
+
+def markdown(collected: dict) -> str:
+    """Summary sentences, then one table per profile."""
+    return (f"Profiles of one step (`{collected['command']}`): operators inside the UNet calls for each engine, then "
+            "Python functions over a whole onnxruntime generation (the loop around the UNet).\n\n"
+            + summary(collected["profiles"]) + "\n\n"
+            + "\n\n".join(op_table(profile) for profile in collected["profiles"]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -141,17 +187,7 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="profiled steps (default: 3)")
     args = parser.parse_args()
     height, width = (int(side) for side in args.size.split("x"))
-    print(profile_text(args.model, height, width, args.batch, args.calls))
-
-
-def profile_text(model: str, height: int, width: int, batch: int = 1, calls: int = 3) -> str:
-    """The profiles as Markdown tables; with torch on several threads, the loop once more with torch on one
-    thread, since ONNX Runtime's and torch's thread pools compete for the same cores."""
-    profiles = [ort_profile(model, height, width, batch, calls), torch_profile(model, height, width, batch, calls),
-                loop_profile(model, height, width)]
-    if torch.get_num_threads() > 1:
-        profiles.append(loop_profile(model, height, width, torch_threads=1))
-    return "\n\n".join(op_table(profile) for profile in profiles)
+    print(markdown(collect(args.model, height, width, args.batch, args.calls)))
 
 
 if __name__ == "__main__":

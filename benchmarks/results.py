@@ -1,7 +1,7 @@
 """Measures and writes benchmarks/RESULTS.md: sagrt's onnxruntime backend against eager diffusers on this CPU.
 
     python benchmarks/results.py                       # measure all (about 8 min on 2 quiet cores), write RESULTS.md
-    python benchmarks/results.py --only headline-tiny  # re-measure some runs, keep the others' JSON
+    python benchmarks/results.py --only headline-tiny  # re-measure some runs (or the profile), keep the others' JSON
     python benchmarks/results.py --report-only         # rewrite RESULTS.md from benchmarks/results/*.json
     python benchmarks/results.py --smoke               # every run on tiny, 2 steps, into /tmp: checks the script
 
@@ -23,6 +23,7 @@ from sagrt.export.artifacts import write_bytes_atomic
 from sagrt.runtime.benchmark import BASELINE, BenchConfig, markdown, run_bench
 
 HERE = Path(__file__).resolve().parent
+PROFILE = "profile"  # the operator and loop profiles (benchmarks/profile_step.py), a run name for --only
 BACKEND = "onnxruntime"
 HEADLINE = dict(backends=(BACKEND,), steps=20, guidance_scale=7.5, sag_scale=0.75)
 SWEEP = dict(backends=(BACKEND,), steps=4, guidance_scale=7.5, sag_scale=0.75, repeats=2, warmup=1, cfg_repeats=0)
@@ -181,9 +182,8 @@ def page(reports: dict, profile_text: str | None) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=None, help=f"comma-separated runs of {', '.join(RUNS)}")
+    parser.add_argument("--only", default=None, help=f"comma-separated runs of {', '.join(RUNS)}, {PROFILE}")
     parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the JSON already there")
-    parser.add_argument("--no-profile", action="store_true", help="leave out the operator profile")
     parser.add_argument("--label", default=None, help="a note shown on the page, e.g. 'preliminary: load 2.1'")
     parser.add_argument("--out", default=None, help="folder of the JSON reports (default: benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="every run on tiny with 2 steps, written under "
@@ -191,27 +191,25 @@ def main():
     args = parser.parse_args()
     out = Path(args.out or ("/tmp/sagrt-results-smoke" if args.smoke else HERE / "results"))
     page_path = out / "RESULTS.md" if args.smoke else HERE / "RESULTS.md"
-    names = list(RUNS) if args.only is None else [name.strip() for name in args.only.split(",")]
-    unknown = [name for name in names if name not in RUNS]
+    names = [*RUNS, PROFILE] if args.only is None else [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in names if name not in RUNS and name != PROFILE]
     if unknown:
-        parser.error(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(RUNS)}")
-    start = time.perf_counter()
-    profile_path = out / "profile.md"
-    if not args.report_only:
-        runs = {name: smoke(RUNS[name]) if args.smoke else RUNS[name] for name in names}
-        measure(runs, out, args.label or ("SMOKE TEST: tiny model, 2 steps; not a measurement" if args.smoke else None))
-        if not args.no_profile:
-            from profile_step import profile_text
+        parser.error(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(RUNS)}, {PROFILE}")
+    import profile_step  # beside this script
 
+    start = time.perf_counter()
+    profile_path = out / "profile.json"
+    if not args.report_only:
+        runs = {name: smoke(RUNS[name]) if args.smoke else RUNS[name] for name in names if name != PROFILE}
+        measure(runs, out, args.label or ("SMOKE TEST: tiny model, 2 steps; not a measurement" if args.smoke else None))
+        if PROFILE in names:
             model, size = ("tiny", 64) if args.smoke else ("small", 256)
-            text = (f"Profiles of one step (`python benchmarks/profile_step.py --model {model} --size {size}x{size}`): "
-                    "operators inside the UNet calls for each engine, then Python functions over a whole onnxruntime "
-                    "generation (the loop around the UNet):\n\n" + profile_text(model, size, size))
-            write_bytes_atomic(profile_path, (text + "\n").encode())
+            collected = profile_step.collect(model, size, size)
+            write_bytes_atomic(profile_path, (json.dumps(collected, indent=2) + "\n").encode())
     reports = {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS if (out / f"{name}.json").exists()}
     if not reports:
         sys.exit(f"no reports in {out}/: run python benchmarks/results.py first")
-    profile_text = profile_path.read_text() if profile_path.exists() else None
+    profile_text = profile_step.markdown(json.loads(profile_path.read_text())) if profile_path.exists() else None
     write_bytes_atomic(page_path, page(reports, profile_text).encode())
     print(f"wrote {page_path} ({time.perf_counter() - start:.0f} s, load average "
           f"{os.getloadavg()[0]:.2f})", file=sys.stderr)
