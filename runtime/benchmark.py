@@ -37,7 +37,7 @@ import torch
 
 from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKENDS
-from sagrt.runtime.runners import Runners
+from sagrt.runtime.runners import Runners, RunnersProxy
 
 BASELINE = "diffusers"
 PROMPT = "a photo of an astronaut riding a horse"
@@ -191,12 +191,12 @@ class CallLog:
         self.final_latents = latents
 
 
-class TimedRunners(Runners):
+class TimedRunners(RunnersProxy):
     """A timing proxy around any backend's runners: same three calls, each logged."""
 
     def __init__(self, inner: Runners, log: CallLog):
-        self.inner, self.log = inner, log
-        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        super().__init__(inner)
+        self.log = log
 
     def _timed(self, stage, batch, call, *args, **kwargs):
         start = self.log.clock()
@@ -212,9 +212,6 @@ class TimedRunners(Runners):
 
     def decode(self, latents):
         return self._timed("vae", latents.shape[0], self.inner.decode, latents)
-
-    def close(self):
-        self.inner.close()
 
 
 @contextmanager

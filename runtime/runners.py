@@ -80,6 +80,39 @@ class Runners:
         self.close()
 
 
+class RunnersProxy(Runners):
+    """Passes the three calls through to `inner`; subclasses observe the calls they need."""
+
+    def __init__(self, inner: Runners):
+        self.inner = inner
+        self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+
+    def encode_text(self, *args, **kwargs):
+        return self.inner.encode_text(*args, **kwargs)
+
+    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
+        return self.inner.unet(sample, timestep, context, cross_attention_kwargs)
+
+    def decode(self, latents):
+        return self.inner.decode(latents)
+
+    def close(self):
+        self.inner.close()
+
+
+class UNetRecorder(RunnersProxy):
+    """Keeps `record(sample, noise_pred, attn_score)` of every UNet call in `calls`, in call order."""
+
+    def __init__(self, inner: Runners, record):
+        super().__init__(inner)
+        self.record, self.calls = record, []
+
+    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
+        noise_pred, attn_score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
+        self.calls.append(self.record(sample, noise_pred, attn_score))
+        return noise_pred, attn_score
+
+
 class TorchRunners(Runners):
     """Eager diffusers modules: the numerical reference every other backend is checked against."""
 

@@ -22,7 +22,7 @@ from conftest import diffusers_pipeline, relative_error
 from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.pipeline import SAGConfig
-from sagrt.runtime.runners import ModelInfo, Runners, TorchRunners
+from sagrt.runtime.runners import ModelInfo, TorchRunners, UNetRecorder
 from sagrt.runtime.schedulers import (PREDICTION_TYPES, SCHEDULERS, UNSUPPORTED_PREDICTIONS, SchedulerError,
                                       make_scheduler, predict_x0_eps, renoise)
 
@@ -49,23 +49,9 @@ def test_every_karras_scheduler_has_a_name():
     assert sorted(SCHEDULERS.values()) == sorted(member.name for member in KarrasDiffusionSchedulers)
 
 
-class SpyRunners(Runners):
-    """Passes every call through and keeps each UNet call's input and output."""
-
-    def __init__(self, inner):
-        self.inner, self.name, self.device, self.dtype = inner, inner.name, inner.device, inner.dtype
-        self.calls = []  # (sample, noise_pred)
-
-    def encode_text(self, *args, **kwargs):
-        return self.inner.encode_text(*args, **kwargs)
-
-    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
-        noise_pred, score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
-        self.calls.append((sample.clone(), noise_pred.clone()))
-        return noise_pred, score
-
-    def decode(self, latents):
-        return self.inner.decode(latents)
+def SpyRunners(inner):
+    """Keeps each UNet call's (sample, noise_pred)."""
+    return UNetRecorder(inner, lambda sample, noise_pred, score: (sample.clone(), noise_pred.clone()))
 
 
 def scheduler_for(tiny, case, prediction_type):

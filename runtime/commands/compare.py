@@ -12,7 +12,7 @@ from sagrt.runtime.commands.common import (add_denoise_arguments, add_model_argu
                                            open_pipeline, sag_config, writable_dir)
 from sagrt.runtime.grid import image_grid, overlay_mask
 from sagrt.runtime.guidance import sag_mask
-from sagrt.runtime.runners import Runners
+from sagrt.runtime.runners import UNetRecorder
 from sagrt.runtime.schedulers import canonical_name, make_scheduler, scheduler_names
 
 
@@ -40,36 +40,14 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
-class ScoreRecorder(Runners):
-    """Passes every call through to `inner` and keeps the attention score of each UNet call."""
-
-    def __init__(self, inner: Runners):
-        self.inner, self.name, self.device, self.dtype = inner, inner.name, inner.device, inner.dtype
-        self.scores: list[torch.Tensor] = []
-
-    def encode_text(self, *args, **kwargs):
-        return self.inner.encode_text(*args, **kwargs)
-
-    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
-        noise_pred, score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
-        self.scores.append(score)
-        return noise_pred, score
-
-    def decode(self, latents):
-        return self.inner.decode(latents)
-
-    def close(self):
-        self.inner.close()
-
-
 def generate_cell(pipe, args, sag, scale: float, mask_step: int | None):
     """One image at one SAG scale, and the SAG mask (h, w) of step `mask_step` (None when not asked)."""
     recorder = pipe.runners
-    recorder.scores.clear()
+    recorder.calls.clear()
     step_starts = []  # index of each denoising step's first UNet call, which is the full (not degraded) call
 
     def mark_step(step, t, latents):
-        step_starts.append(len(recorder.scores))
+        step_starts.append(len(recorder.calls))
 
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, sag_scale=scale, negative_prompt=args.negative_prompt,
@@ -78,7 +56,7 @@ def generate_cell(pipe, args, sag, scale: float, mask_step: int | None):
         return image, None
     if mask_step >= len(step_starts):
         raise SagrtError(f"--show-mask {mask_step} is past the last step: use 0..{len(step_starts) - 1}")
-    score = recorder.scores[([0] + step_starts)[mask_step]]
+    score = recorder.calls[([0] + step_starts)[mask_step]]
     if args.guidance_scale > 1.0:
         score = score.chunk(2)[0]  # the unconditional half, as the loop reads it (eq. 25)
     latent_size = (image.height // pipe.info.vae_scale_factor, image.width // pipe.info.vae_scale_factor)
@@ -100,7 +78,7 @@ def run(args) -> int:
     names = [canonical_name(name.strip()) for name in args.schedulers.split(",")] if args.schedulers else []
     pipe = open_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    pipe.runners = ScoreRecorder(pipe.runners)
+    pipe.runners = UNetRecorder(pipe.runners, lambda sample, noise_pred, score: score)  # every call's SAG score
     base_config = pipe.scheduler.config
     names = names or [canonical_name(type(pipe.scheduler).__name__)]
     karras = args.karras_sigmas or None

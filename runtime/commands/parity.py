@@ -11,33 +11,10 @@ import torch
 from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.commands.common import add_model_arguments, add_sampling_arguments, load_pipeline, sag_config
-from sagrt.runtime.runners import Runners
+from sagrt.runtime.runners import UNetRecorder
 
 NOISE_BOUND = 1e-4  # per UNet call, DESIGN.md numerical contract
 LATENT_BOUND = 1e-3  # final latents after the whole loop
-
-
-class RecordingRunners(Runners):
-    """Delegates to `runners` and keeps a CPU float32 copy of every UNet call's (noise_pred, attn_score)."""
-
-    def __init__(self, runners: Runners):
-        self.inner = runners
-        self.name, self.device, self.dtype = runners.name, runners.device, runners.dtype
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def encode_text(self, *args, **kwargs):
-        return self.inner.encode_text(*args, **kwargs)
-
-    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
-        noise_pred, attn_score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
-        self.calls.append((noise_pred.float().cpu(), attn_score.float().cpu()))
-        return noise_pred, attn_score
-
-    def decode(self, latents):
-        return self.inner.decode(latents)
-
-    def close(self):
-        self.inner.close()
 
 
 @dataclass
@@ -51,7 +28,9 @@ class Step:
 
 def record_run(pipe, args, sag) -> list[Step]:
     """Runs the pipeline's own loop and splits the recorded UNet calls by step (through its callback)."""
-    recorder = RecordingRunners(pipe.runners)
+    # a CPU float32 copy of every UNet call's (noise_pred, attn_score)
+    recorder = UNetRecorder(pipe.runners, lambda sample, noise_pred, score: (noise_pred.float().cpu(),
+                                                                             score.float().cpu()))
     pipe.runners = recorder
     steps: list[Step] = []
 
