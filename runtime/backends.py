@@ -56,8 +56,6 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
         # precision is the engines' (sagrt build --precision); dtype only concerns the torch backend
         runners = load_runners(model, device=device, sag_layer=sag_layer, **options)
         return (runners, *saved_parts(runners.engine_dir, model, safety_checker, runners))
-    if backend != "torch":
-        raise BackendError(f"backend {backend!r} is not available in this build")
     if options:
         raise BackendError(f"backend torch takes no options {sorted(options)}")
     components = load_model(model, safety_checker=safety_checker)

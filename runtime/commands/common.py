@@ -35,7 +35,7 @@ def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
     parser.add_argument("--engine-dir", default=None, metavar="DIR",
                         help="tensorrt backend: engines from `sagrt build --out DIR` (default: build on first use)")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
-                        help=f"self-attention layer SAG reads, torch backend (default: {MID_BLOCK_LAYER}; "
+                        help=f"self-attention layer SAG reads; engine backends export it (default: {MID_BLOCK_LAYER}; "
                              "e.g. up_blocks.1.attentions.0.transformer_blocks.0.attn1)")
 
 
