@@ -250,11 +250,11 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
         optimization_profile.set_shape(name, low, opt, high)
     build_config.add_optimization_profile(optimization_profile)
     cache = build_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    if not build_config.set_timing_cache(cache, ignore_mismatch=False):
+    if cache is None or not build_config.set_timing_cache(cache, ignore_mismatch=False):
         # a cache from another GPU or TensorRT: start from an empty one rather than use foreign tactics
         build_config.set_timing_cache(build_config.create_timing_cache(b""), ignore_mismatch=False)
     display = BuildProgress(f"build {network_name}", enabled=progress)
-    monitor = progress_monitor(trt, display)  # held here: TensorRT keeps no Python reference to it
+    monitor = progress_monitor(trt, display)
     build_config.progress_monitor = monitor
     try:
         plan = builder.build_serialized_network(network, build_config)

@@ -163,7 +163,8 @@ class Engine:
             raise EngineStateError(f"TensorRT engine {self.name}: inputs {sorted(feed)} given, "
                                    f"expects {sorted(self.inputs)}")
         shapes = {name: tuple(t.shape) for name, t in feed.items()}
-        binding = self.bindings.get(_key(shapes)) or self.allocate(shapes)
+        with torch.cuda.device(stream.device):  # a context must be made on the engine's own GPU
+            binding = self.bindings.get(_key(shapes)) or self.allocate(shapes)
         caller = torch.cuda.current_stream(stream.device)
         for name, value in feed.items():
             binding.tensors[name].copy_(value)  # also casts, e.g. int64 token ids -> int32
@@ -184,8 +185,9 @@ class Engine:
             # captured after one warm-up run; replays launch the same kernels on the same buffers
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                binding.context.execute_async_v3(stream.cuda_stream)
-            binding.graph = graph
+                captured = binding.context.execute_async_v3(stream.cuda_stream)
+            # a failed enqueue under capture leaves an empty graph whose replays would do nothing
+            binding.graph = graph if captured else None
 
     # 5. deactivate
     def deactivate(self) -> None:
