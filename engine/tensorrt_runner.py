@@ -140,10 +140,12 @@ class Engine:
     def allocate(self, shapes: dict[str, tuple]) -> ShapeBinding:
         self._require("active", "allocate")
         check_shapes(self.name, shapes, self.profile, lambda: self.rebuild(shapes))
-        # contexts share the device memory; each keeps its own shapes, so a CUDA graph never sees another's
-        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        context.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
         device, tensors = self.device_memory.device, {}
+        # contexts share the device memory; each keeps its own shapes, so a CUDA graph never sees another's.
+        # A context must be made on the engine's own GPU, whichever device is current for the caller.
+        with torch.cuda.device(device):
+            context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.device_memory.data_ptr(), self.device_memory.numel())
         for name, dtype in self.inputs.items():
             context.set_input_shape(name, shapes[name])
             tensors[name] = torch.empty(shapes[name], dtype=dtype, device=device)
@@ -163,8 +165,7 @@ class Engine:
             raise EngineStateError(f"TensorRT engine {self.name}: inputs {sorted(feed)} given, "
                                    f"expects {sorted(self.inputs)}")
         shapes = {name: tuple(t.shape) for name, t in feed.items()}
-        with torch.cuda.device(stream.device):  # a context must be made on the engine's own GPU
-            binding = self.bindings.get(_key(shapes)) or self.allocate(shapes)
+        binding = self.bindings.get(_key(shapes)) or self.allocate(shapes)
         caller = torch.cuda.current_stream(stream.device)
         for name, value in feed.items():
             binding.tensors[name].copy_(value)  # also casts, e.g. int64 token ids -> int32
