@@ -214,7 +214,11 @@ class SAGPipeline:
 
         # 2. timesteps and initial noise
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        try:
+            scheduler.set_timesteps(num_inference_steps, device=self.device)
+        except ValueError as err:  # e.g. PNDM's Runge-Kutta warm-up needs 4 or more steps
+            raise InputError(f"{type(scheduler).__name__} cannot schedule {num_inference_steps} steps ({err}): "
+                             f"use more steps or another scheduler") from None
         timesteps = scheduler.timesteps
         shape = (prompt_embeds.shape[0], self.info.in_channels, height // self.info.vae_scale_factor,
                  width // self.info.vae_scale_factor)

@@ -219,3 +219,12 @@ def test_safety_checker_runs_as_in_diffusers(tiny, tmp_path, flag_everything):
     off = SAGPipeline.from_pretrained(str(folder), safety_checker=False)
     off.set_progress_bar_config(disable=True)
     assert call(off, output_type="np").nsfw_content_detected is None
+
+
+def test_scheduler_that_cannot_make_the_steps(tiny):
+    from sagrt.runtime.schedulers import make_scheduler
+
+    pipe = SAGPipeline(TorchRunners(tiny), tiny.tokenizer, make_scheduler("pndm", tiny.scheduler.config),
+                       ModelInfo.of(tiny))
+    with pytest.raises(InputError, match="PNDMScheduler cannot schedule 2 steps"):
+        call(pipe, num_inference_steps=2)
