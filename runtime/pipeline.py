@@ -230,6 +230,9 @@ class SAGPipeline:
             raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(self.device, self.runners.dtype) * scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta)
+        if hasattr(scheduler, "noise_sampler_seed") and scheduler.config.get("noise_sampler_seed") is None:
+            # DPM-SDE draws its Brownian noise from its own seed, not the generator: tie it to the caller's seed
+            scheduler.noise_sampler_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
 
         # 3. denoising with SAG
