@@ -16,7 +16,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import platform
 import shlex
 import statistics
@@ -32,6 +31,9 @@ import torch
 from sagrt import __version__
 from sagrt.engine.profiles import BuildConfig, Range
 from sagrt.engine.tensorrt_build import cuda_missing, tensorrt_missing
+from sagrt.export.artifacts import write_bytes_atomic
+from sagrt.runtime.metrics import psnr_db as psnr
+from sagrt.runtime.metrics import relative_error
 
 PSNR_BOUND_DB = 30.0
 SIZES = {"tiny": 64, "small": 256, "sd15": 512}  # each preset's own image size
@@ -84,12 +86,6 @@ def machine() -> dict:
     except (ImportError, OSError):
         info["tensorrt"] = None
     return info
-
-
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def timed_generation(pipe, args, size: int) -> tuple[dict, np.ndarray]:
@@ -158,7 +154,7 @@ def check_preset(preset: str, args, steps: list[Step], out_dir: Path) -> None:
         image, reference = outputs["tensorrt_image"], outputs["torch_image"]
         value = psnr(image, reference)
         return {"psnr_db": value, "bound_db": PSNR_BOUND_DB, "passed": value >= PSNR_BOUND_DB,
-                "relative_error": float(np.linalg.norm(image - reference) / np.linalg.norm(reference))}
+                "relative_error": relative_error(image, reference)}
 
     built = run_step(steps, preset, "export + build fp16 engines", [*tensorrt_missing(), no_export], build)
     ran_torch = run_step(steps, preset, "torch fp16 on CUDA", [no_cuda], run_torch)
@@ -214,8 +210,7 @@ def main(argv=None) -> int:
                      "psnr_bound_db": PSNR_BOUND_DB},
         "steps": [asdict(s) for s in steps],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_bytes_atomic(args.json, (json.dumps(report, indent=2, default=str) + "\n").encode())
     print(f"\nwrote {args.json}")
     failed = [s for s in steps if s.status == "failed" or s.results.get("passed") is False]
     return 1 if failed else 0

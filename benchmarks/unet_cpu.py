@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from sagrt.runtime.metrics import relative_error
+
 
 def time_call(fn) -> float:
     start = time.perf_counter()
@@ -109,13 +111,12 @@ def benchmark(work: Path) -> None:
         ort_s.append(time_call(ort_call))
     noise_t, score_t = torch_call()
     noise_o, score_o = ort_call()
-    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
     result = {
         "model": args.model, "image": f"{args.size}x{args.size}", "latent": f"{side}x{side}", "batch": args.batch,
         "torch_ms": statistics.median(torch_s) * 1e3, "ort_ms": statistics.median(ort_s) * 1e3,
         "speedup": statistics.median(torch_s) / statistics.median(ort_s), "repeats": args.repeats,
         "opt_level": args.opt_level, "ort_optimizer": args.ort_optimizer,
-        "noise_pred_rel_err": rel(noise_o, noise_t), "attn_score_rel_err": rel(score_o, score_t),
+        "noise_pred_rel_err": relative_error(noise_o, noise_t), "attn_score_rel_err": relative_error(score_o, score_t),
         "torch": torch.__version__, "onnxruntime": ort.__version__, "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -37,6 +37,7 @@ import torch
 
 from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKENDS
+from sagrt.runtime.metrics import psnr_db, relative_error
 from sagrt.runtime.runners import Runners, RunnersProxy
 
 BASELINE = "diffusers"
@@ -426,18 +427,6 @@ def run_worker(case: dict, folder: Path) -> dict:
     return payload
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR of images in [0, 1]; None when they are identical (infinite)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return None if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def compare(measured: dict[str, dict], size: tuple[int, int], batch: int) -> list[dict]:
     """One row per backend (baseline first): its numbers, ratios to the baseline, parity with it."""
     base = measured[BASELINE]
@@ -453,7 +442,7 @@ def compare(measured: dict[str, dict], size: tuple[int, int], batch: int) -> lis
             speedup_unet_2b=_ratio(b["unet_2b_ms"], r["unet_2b_ms"]),
             memory_ratio=r["peak_rss_mb"] / b["peak_rss_mb"],
             latents_relative_error=relative_error(payload["latents"], base["latents"]),
-            image_psnr_db=psnr_db(payload["images"], base["images"]),
+            image_psnr_db=None if math.isinf(psnr := psnr_db(payload["images"], base["images"])) else psnr,
             images_identical=bool(torch.equal(payload["images"], base["images"])),
         )
         rows.append(row)

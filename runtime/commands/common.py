@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
 from sagrt.errors import SagrtError
+from sagrt.export.artifacts import atomic_path
 from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.pipeline import SAGConfig
@@ -123,12 +123,6 @@ def writable_dir(path: str | Path) -> Path:
 
 
 def save_image_atomic(image, path: Path) -> None:
-    """Writes a PIL image to a temporary name beside `path`, then renames it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes a PIL image as PNG to a temporary name beside `path`, then renames it into place."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -11,6 +11,7 @@ import torch
 from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.commands.common import add_model_arguments, add_sampling_arguments, load_pipeline, sag_config
+from sagrt.runtime.metrics import relative_error
 from sagrt.runtime.runners import UNetRecorder
 
 NOISE_BOUND = 1e-4  # per UNet call, DESIGN.md numerical contract
@@ -44,12 +45,6 @@ def record_run(pipe, args, sag) -> list[Step]:
          num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
          output_type="latent", callback=on_step, sag=sag)
     return steps
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b||."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def mask_differences(score_a: torch.Tensor, score_b: torch.Tensor, threshold: float, cfg: bool) -> tuple[int, int]:
