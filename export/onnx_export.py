@@ -86,7 +86,7 @@ def network_specs(components: Components, precision: str) -> dict[str, specs.Net
     return {
         "text_encoder": specs.text_encoder_spec(components.text_encoder.config.hidden_size, dtype),
         "unet": specs.unet_spec(components.unet.config.cross_attention_dim, dtype),
-        "vae_decoder": specs.vae_decoder_spec(components.vae_scale_factor, dtype),
+        "vae_decoder": specs.vae_decoder_spec(dtype),
     }
 
 

@@ -68,7 +68,7 @@ def text_encoder_spec(hidden_size: int, dtype: str = "float32") -> NetworkSpec:
     )
 
 
-def vae_decoder_spec(scale_factor: int = 8, dtype: str = "float32") -> NetworkSpec:
+def vae_decoder_spec(dtype: str = "float32") -> NetworkSpec:
     return NetworkSpec(
         "vae_decoder",
         inputs=(TensorSpec("latent", dtype, ("B", LATENT_CHANNELS, "H", "W")),),

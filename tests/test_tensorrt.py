@@ -39,7 +39,7 @@ def export_manifest(info: ModelInfo, precision: str = "fp16") -> dict:
     """The manifest an ONNX export of the tiny model writes (networks from export/specs.py)."""
     dtype = {"fp16": "float16", "fp32": "float32"}[precision]
     specs = (unet_spec(info.text_hidden_size, dtype), text_encoder_spec(info.text_hidden_size, dtype),
-             vae_decoder_spec(info.vae_scale_factor, dtype))
+             vae_decoder_spec(dtype))
     listed = lambda tensors: [[t.name, t.dtype, list(t.shape)] for t in tensors]  # noqa: E731
     return {
         "kind": "onnx", "sagrt_version": "0.1.0", "model_fingerprint": info.fingerprint, "model_source": "tiny",
