@@ -38,7 +38,7 @@ def ort_profile(model: str, height: int, width: int, batch: int = 1, calls: int 
     from sagrt.runtime.pipeline import SAGPipeline
 
     runners = SAGPipeline.from_pretrained(model, backend="onnxruntime", device="cpu", safety_checker=False).runners
-    graph = Path(runners.export_dir) / runners.specs["unet"].filename
+    graph = Path(runners.export_dir) / runners.files["unet"]
     with tempfile.TemporaryDirectory(prefix="sagrt-ort-profile-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as OrtRunners' default

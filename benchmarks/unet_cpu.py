@@ -3,13 +3,19 @@
     python benchmarks/unet_cpu.py --model tiny --size 64 --batch 2
     python benchmarks/unet_cpu.py --model small --size 256 --batch 2 [--ort-optimizer]
 
-Warm-up calls are excluded; torch and ORT calls alternate so both see the same machine load; the median of
-`--repeats` calls is reported. Prints a Markdown table row and a JSON line.
+Times eager torch, ONNX Runtime on the portable unet.onnx and on unet_fused.onnx (fused attention: what sagrt runs).
+
+Warm-up calls are excluded. Torch and ORT alternate in rounds of `--block` consecutive calls each, so both see
+the same machine state (this VM's speed drifts by up to 30% over minutes); within a round the first call of each
+engine runs right after the other engine's and is reported on its own ("first call", the other library's
+threads still winding down); the headline is the median over the other calls of every round, as a generation
+runs its UNet calls back to back. Prints a Markdown table row and a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,7 +36,8 @@ def time_call(fn) -> float:
 
 
 def transformers_optimized(export_dir: Path, out_dir: Path) -> Path:
-    """A copy of the export whose unet.onnx went through onnxruntime.transformers' optimizer (model_type unet)."""
+    """A copy of the export whose unet.onnx (the portable graph) went through onnxruntime.transformers' optimizer
+    (model_type unet)."""
     import shutil
 
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -65,7 +72,8 @@ def benchmark(work: Path) -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds")
+    parser.add_argument("--block", type=int, default=3, help="consecutive calls of one engine per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--opt-level", default="all", choices=["none", "basic", "extended", "all"],
                         help="ONNX Runtime graph optimisation level")
@@ -87,7 +95,10 @@ def benchmark(work: Path) -> None:
     export_dir = export_model(components, work / "onnx", progress=False)
     if args.ort_optimizer:
         export_dir = transformers_optimized(export_dir, work / "onnx-optimized")
-    ort_runners = OrtRunners(export_dir, ["cpu"], graph_optimization=args.opt_level, intra_op_threads=args.threads)
+    # the portable graph (what TensorRT builds from) and the one sagrt runs on ONNX Runtime (fused attention)
+    ort_engines = {graph: OrtRunners(export_dir, ["cpu"], graph_optimization=args.opt_level,
+                                     intra_op_threads=args.threads, fused_attention=fused)
+                   for graph, fused in (("unet.onnx", False), ("unet_fused.onnx", True))}
     torch_runners = TorchRunners(components)
 
     gen = torch.Generator().manual_seed(0)
@@ -100,31 +111,39 @@ def benchmark(work: Path) -> None:
         with torch.no_grad():
             return torch_runners.unet(sample, timestep, context)
 
-    def ort_call():
-        return ort_runners.unet(sample, timestep, context)
-
+    calls = {"torch": torch_call, **{graph: functools.partial(runners.unet, sample, timestep, context)
+                                     for graph, runners in ort_engines.items()}}
     for _ in range(args.warmup):
-        torch_call(), ort_call()
-    torch_s, ort_s = [], []
+        for call in calls.values():
+            call()
+    times = {name: ([], []) for name in calls}  # (first call of a round, the others)
     for _ in range(args.repeats):
-        torch_s.append(time_call(torch_call))
-        ort_s.append(time_call(ort_call))
+        for name, call in calls.items():
+            first, rest = times[name]
+            first.append(time_call(call))
+            rest.extend(time_call(call) for _ in range(args.block - 1))
+    median_ms = {name: (statistics.median(first) * 1e3, statistics.median(rest) * 1e3)
+                 for name, (first, rest) in times.items()}
     noise_t, score_t = torch_call()
-    noise_o, score_o = ort_call()
-    result = {
-        "model": args.model, "image": f"{args.size}x{args.size}", "latent": f"{side}x{side}", "batch": args.batch,
-        "torch_ms": statistics.median(torch_s) * 1e3, "ort_ms": statistics.median(ort_s) * 1e3,
-        "speedup": statistics.median(torch_s) / statistics.median(ort_s), "repeats": args.repeats,
-        "opt_level": args.opt_level, "ort_optimizer": args.ort_optimizer,
-        "noise_pred_rel_err": relative_error(noise_o, noise_t), "attn_score_rel_err": relative_error(score_o, score_t),
-        "torch": torch.__version__, "onnxruntime": ort.__version__, "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    print(f"| {args.model} | {result['image']} | {args.batch} | {result['torch_ms']:.1f} | {result['ort_ms']:.1f} | "
-          f"{result['speedup']:.2f}x | {result['noise_pred_rel_err']:.1e} | "
-          f"{' '.join(f'{x:.1f}' for x in result['load_avg'])} |")
-    print(json.dumps(result))
+    machine = {"torch": torch.__version__, "onnxruntime": ort.__version__, "torch_threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    for graph in ort_engines:
+        noise_o, score_o = calls[graph]()
+        result = {
+            "model": args.model, "image": f"{args.size}x{args.size}", "latent": f"{side}x{side}",
+            "batch": args.batch, "ort_graph": graph, "torch_ms": median_ms["torch"][1], "ort_ms": median_ms[graph][1],
+            "speedup": median_ms["torch"][1] / median_ms[graph][1],
+            "torch_first_ms": median_ms["torch"][0], "ort_first_ms": median_ms[graph][0],
+            "first_call_speedup": median_ms["torch"][0] / median_ms[graph][0],
+            "repeats": args.repeats, "block": args.block, "opt_level": args.opt_level,
+            "ort_optimizer": args.ort_optimizer, "noise_pred_rel_err": relative_error(noise_o, noise_t),
+            "attn_score_rel_err": relative_error(score_o, score_t), **machine,
+        }
+        print(f"| {args.model} | {result['image']} | {args.batch} | {graph} | {result['torch_ms']:.1f} | "
+              f"{result['ort_ms']:.1f} | {result['speedup']:.2f}x | {result['first_call_speedup']:.2f}x | "
+              f"{result['noise_pred_rel_err']:.1e} | {' '.join(f'{x:.1f}' for x in machine['load_avg'])} |")
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

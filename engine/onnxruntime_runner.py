@@ -59,6 +59,14 @@ def resolve_providers(providers=None, available: list[str] | None = None) -> lis
     return resolved
 
 
+def unet_graph(manifest: dict, providers: list[str], fused_attention: bool = True) -> str:
+    """The UNet file ONNX Runtime runs: the graph with fused attention on the CPU and CUDA providers, the
+    portable unet.onnx when TensorRT's provider comes first (its parser does not know com.microsoft operators)."""
+    if fused_attention and providers[0] != "TensorrtExecutionProvider":
+        return manifest["fused_attention_unet"]
+    return "unet.onnx"
+
+
 def spec_from_table(name: str, table: dict) -> specs.NetworkSpec:
     """The NetworkSpec a manifest's "networks" entry describes."""
     tensors = lambda rows: tuple(specs.TensorSpec(n, d, tuple(s)) for n, d, s in rows)  # noqa: E731
@@ -72,8 +80,10 @@ class OrtRunners(Runners):
 
     def __init__(self, export_dir: str | Path, providers=None, *, device_id: int = 0, io_binding: bool | None = None,
                  wanted: dict | None = None, model: str | None = None, graph_optimization: str = "all",
-                 intra_op_threads: int = 0):
-        """`wanted`: manifest values the export must have; `model`: named in the redo command of errors."""
+                 intra_op_threads: int = 0, fused_attention: bool = True):
+        """`wanted`: manifest values the export must have; `model`: named in the redo command of errors.
+        `fused_attention`: on the CPU and CUDA providers run the export's UNet graph with fused attention
+        (com.microsoft MultiHeadAttention); the TensorRT provider always runs the portable unet.onnx."""
         import onnxruntime as ort
 
         from sagrt import __version__
@@ -96,16 +106,18 @@ class OrtRunners(Runners):
                                             }[graph_optimization]
         options.intra_op_num_threads = intra_op_threads
         if not on_gpu:
-            # ORT's idle workers spin for a while after each run; on CPU that steals the cores from the torch
-            # ops between engine calls (SAG blur, scheduler step): measured 2.6x slower steps on the tiny model.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # ORT's workers spin between the nodes of a run (fast hand-over on graphs of many small nodes) and,
+            # by default, for a while after it, which steals the cores from the torch ops between engine calls
+            # (SAG blur, scheduler step: 2.6x slower tiny steps measured); stop the spinning when a run ends.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
             # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it,
             # small 256x256 peak RSS fell from 1.51x to 1.17x the eager baseline and steps got faster.
             options.enable_mem_pattern = False
+        self.files = {name: spec.filename for name, spec in self.specs.items()}
+        self.files["unet"] = unet_graph(self.manifest, self.providers, fused_attention)
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
-        self.sessions = {name: ort.InferenceSession(str(self.export_dir / spec.filename), options,
-                                                    providers=provider_list)
-                         for name, spec in self.specs.items()}
+        self.sessions = {name: ort.InferenceSession(str(self.export_dir / filename), options, providers=provider_list)
+                         for name, filename in self.files.items()}
 
     def provider_options(self, provider: str, device_id: int) -> dict:
         if provider == "TensorrtExecutionProvider":

@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from sagrt.errors import SagrtError
 
@@ -93,3 +94,57 @@ def capture_sag_score(unet, layer: str = MID_BLOCK_LAYER):
     finally:
         hook.remove()
         attn.set_processor(original)
+
+
+class FusedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v over `heads` heads, on the projections q [B, S, heads*d], k and v [B, L, heads*d].
+    Eager it is torch's SDPA; exported (torch.onnx.export, dynamo=False) it is one com.microsoft
+    MultiHeadAttention node, which ONNX Runtime's CPU and CUDA providers run fused. TensorRT's ONNX parser does
+    not know that operator: only the ONNX Runtime copy of the UNet graph uses it."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, heads: int, scale: float):
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  [B, heads, S, d]
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scale)
+        return out.transpose(1, 2).flatten(2)
+
+    @staticmethod
+    def symbolic(g, query, key, value, heads: int, scale: float):
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads, scale_f=scale)
+        out.setType(query.type())
+        return out
+
+
+def is_plain_attention(attn) -> bool:
+    """A diffusers Attention layer that is projections, softmax attention and output projection only (every
+    attention layer of the SD 1.x/2.x UNet): no norms, residual or rescaling for FusedAttention to miss."""
+    return (attn.group_norm is None and attn.spatial_norm is None and attn.norm_cross is None
+            and getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0)
+
+
+class FusedAttentionProcessor:
+    """Runs a plain attention layer through FusedAttention."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("FusedAttentionProcessor takes 3-D hidden states without an attention mask")
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        out = FusedAttention.apply(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads,
+                                   float(attn.scale))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextmanager
+def fused_attention(unet):
+    """Every plain attention layer of `unet` runs FusedAttentionProcessor inside the block; the layers' own
+    processors come back afterwards, also after an exception. A SAG capture entered inside the block replaces
+    its one layer's processor as usual."""
+    original = unet.attn_processors
+    layers = {name: unet.get_submodule(name.removesuffix(".processor")) for name in original}
+    unet.set_attn_processor({name: FusedAttentionProcessor() if is_plain_attention(layer) else original[name]
+                             for name, layer in layers.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)

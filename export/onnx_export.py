@@ -8,7 +8,9 @@ manifest is written last: a folder without a manifest is an unfinished export.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -20,13 +22,16 @@ import torch
 
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
-from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, resolve_layer
+from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, fused_attention, resolve_layer
 from sagrt.export.models import Components, final_layer_norm, load_model, model_fingerprint, save_scheduler
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf cannot hold a graph of 2 GB or more in one file
 DEFAULT_OPSET = 17
+# The UNet again with fused attention (com.microsoft MultiHeadAttention) for ONNX Runtime's CPU and CUDA
+# providers; TensorRT builds from unet.onnx. Same inputs and outputs as "unet".
+FUSED_UNET = "unet_fused"
 
 
 class ExportError(SagrtError):
@@ -34,14 +39,16 @@ class ExportError(SagrtError):
 
 
 class UNetWithScore(torch.nn.Module):
-    """(sample, timestep [1] float32, encoder_hidden_states) -> (noise_pred, attn_score [B, HM, WM] float32)."""
+    """(sample, timestep [1] float32, encoder_hidden_states) -> (noise_pred, attn_score [B, HM, WM] float32).
+    `fused`: the attention layers other than the SAG layer run FusedAttention (the ONNX Runtime graph)."""
 
-    def __init__(self, unet, sag_layer: str):
+    def __init__(self, unet, sag_layer: str, fused: bool = False):
         super().__init__()
-        self.unet, self.sag_layer = unet, sag_layer
+        self.unet, self.sag_layer, self.fused = unet, sag_layer, fused
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        with capture_sag_score(self.unet, self.sag_layer) as capture:
+        with fused_attention(self.unet) if self.fused else contextlib.nullcontext(), \
+                capture_sag_score(self.unet, self.sag_layer) as capture:
             noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return noise_pred, capture.score_map()
 
@@ -97,7 +104,7 @@ def sample_inputs(name: str, components: Components, dtype: torch.dtype) -> tupl
     if name == "text_encoder":
         vocab = components.text_encoder.config.vocab_size
         return (torch.randint(0, vocab, (2, specs.TEXT_TOKENS), generator=gen, dtype=torch.int32),)
-    if name == "unet":
+    if name in ("unet", FUSED_UNET):
         context_dim = components.unet.config.cross_attention_dim
         return (torch.randn(2, specs.LATENT_CHANNELS, h, w, generator=gen).to(dtype),
                 torch.tensor([981.0]),
@@ -109,7 +116,10 @@ def export_module(name: str, components: Components, dtype: torch.dtype, sag_lay
     """The module torch.onnx.export traces for network `name`, in `dtype` (a copy: the caller's modules keep theirs)."""
     if name == "text_encoder":
         return TextEncoderWithLayers(components.text_encoder, out_dtype=dtype).eval()
-    module = UNetWithScore(components.unet, sag_layer) if name == "unet" else VaeDecoder(components.vae)
+    if name in ("unet", FUSED_UNET):
+        module = UNetWithScore(components.unet, sag_layer, fused=name == FUSED_UNET)
+    else:
+        module = VaeDecoder(components.vae)
     if next(module.parameters()).dtype != dtype:
         module = copy.deepcopy(module).to(dtype)
     return module.eval()
@@ -142,18 +152,46 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic the dynamic axes already cover
         torch.onnx.export(module, sample_inputs(name, components, dtype), str(raw_path), dynamo=False,
                           input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-                          dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True)
+                          dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": 1})
     raw_bytes = sum(f.stat().st_size for f in raw.iterdir())
     external = raw_bytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     # re-save so a large graph's weights sit in one data file beside it instead of one file per tensor
     model = onnx.load(str(raw_path))
     declare_io_shapes(model.graph, spec)
     data_name = f"{spec.filename}.data"
+    if external and name == FUSED_UNET:
+        share_weights(model, folder / "unet.onnx")
     onnx.save_model(model, str(folder / spec.filename), save_as_external_data=external,
                     all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     shutil.rmtree(raw)
     onnx.checker.check_model(str(folder / spec.filename))
-    return [spec.filename, data_name] if external else [spec.filename]
+    return [spec.filename, data_name] if (folder / data_name).exists() else [spec.filename]
+
+
+def share_weights(model, exported: Path) -> None:
+    """Points every weight of `model` that `exported` (a graph saved with external data beside it) already stores,
+    byte for byte, at that stored copy, so two graphs of one network share one weights file on disk."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    stored = {}
+    with open(exported.with_name(f"{exported.name}.data"), "rb") as data:
+        for tensor in onnx.load(str(exported), load_external_data=False).graph.initializer:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                data.seek(info.offset)
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data.read(info.length)).digest())
+                stored[key] = tensor.external_data
+    for tensor in model.graph.initializer:
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
+        if tensor.HasField("raw_data") and key in stored:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            tensor.external_data.extend(stored[key])
 
 
 def declare_io_shapes(graph, spec: specs.NetworkSpec) -> None:
@@ -273,11 +311,12 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".export-"))
     try:
         names = []
-        steps = tqdm(list(network_table) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
+        graphs = {**network_table, FUSED_UNET: dataclasses.replace(network_table["unet"], name=FUSED_UNET)}
+        steps = tqdm(list(graphs) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
         for name in steps:
             steps.set_postfix_str(name)
-            if name in network_table:
-                names += export_network(name, components, network_table[name], staging, opset=opset, dtype=dtype,
+            if name in graphs:
+                names += export_network(name, components, graphs[name], staging, opset=opset, dtype=dtype,
                                         sag_layer=sag_layer, external_data=external_data)
             else:
                 components.tokenizer.save_pretrained(staging / "tokenizer")
@@ -298,6 +337,7 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         "files": {name: {"sha256": artifacts.sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
                   for name in files},
         "networks": {name: io_table(spec) for name, spec in network_table.items()},
+        "fused_attention_unet": f"{FUSED_UNET}.onnx",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     artifacts.write_manifest(folder, manifest)

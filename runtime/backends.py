@@ -72,6 +72,7 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
                      providers=None, export_dir=None, opset=None, io_binding=None):
     """ONNX Runtime runners over the model's export (made on first use, reused afterwards); tokenizer,
     scheduler and ModelInfo come from the export folder, a model folder's safety checker runs in torch."""
+    from sagrt import __version__
     from sagrt.engine.onnxruntime_runner import OrtRunners
     from sagrt.export import artifacts
     from sagrt.export.models import model_fingerprint
@@ -81,8 +82,11 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
     opset = opset or DEFAULT_OPSET
     fingerprint = model_fingerprint(model)
     folder = export_folder(fingerprint, export_dir, precision, opset, sag_layer)
-    if artifacts.read_manifest(folder) is None:
-        export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer)
+    manifest = artifacts.read_manifest(folder)
+    # sagrt's own cache is redone after an upgrade; an export folder the user named is only ever checked
+    outdated = manifest is not None and export_dir is None and manifest.get("sagrt_version") != __version__
+    if manifest is None or outdated:
+        export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer, force=outdated)
     if providers is None and device is not None and torch.device(device).type == "cpu":
         providers = ["cpu"]
     device_id = (torch.device(device).index or 0) if device is not None else 0

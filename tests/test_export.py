@@ -11,12 +11,13 @@ import torch
 
 from conftest import relative_error
 from sagrt.export import artifacts, specs
-from sagrt.export.onnx_export import ExportError, export_model, network_specs, verify_export
+from sagrt.export.onnx_export import FUSED_UNET, ExportError, export_model, network_specs, verify_export
 from sagrt.export.trt_compat import check_model
 from sagrt.runtime.runners import TorchRunners
 
 BOUND = 1e-5
 NETWORKS = ("unet", "text_encoder", "vae_decoder")
+UNET_GRAPHS = ("unet", FUSED_UNET)  # the portable graph (TensorRT) and the fused-attention one (ONNX Runtime)
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int32": onnx.TensorProto.INT32}
 LATENT_SIZES = [(8, 8), (8, 12), (7, 9)]  # square, non-square, odd
 
@@ -38,9 +39,19 @@ def test_graph_passes_checker_and_strict_shape_inference(tiny_onnx, network):
     assert len(inferred.graph.value_info) > 0
 
 
-@pytest.mark.parametrize("network", NETWORKS)
+def test_fused_graph_passes_checker_and_has_one_fused_attention_per_layer(tiny, tiny_onnx):
+    model = onnx.load(str(tiny_onnx / f"{FUSED_UNET}.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [node.op_type for node in model.graph.node]
+    attention_layers = len(tiny.unet.attn_processors)  # every one is plain; the SAG layer keeps explicit softmax
+    assert ops.count("MultiHeadAttention") == attention_layers - 1 and ops.count("Softmax") == 1
+    portable = [node.op_type for node in onnx.load(str(tiny_onnx / "unet.onnx")).graph.node]
+    assert "MultiHeadAttention" not in portable and portable.count("Softmax") == attention_layers
+
+
+@pytest.mark.parametrize("network", NETWORKS + (FUSED_UNET,))
 def test_declared_names_dtypes_and_dynamic_axes(tiny, tiny_onnx, network):
-    spec = network_specs(tiny, "fp32")[network]
+    spec = network_specs(tiny, "fp32")["unet" if network == FUSED_UNET else network]
     graph = onnx.load(str(tiny_onnx / f"{network}.onnx"), load_external_data=False).graph
     for declared, actual in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
         assert [t.name for t in declared] == [v.name for v in actual]
@@ -55,17 +66,18 @@ def test_declared_names_dtypes_and_dynamic_axes(tiny, tiny_onnx, network):
                     assert dim.dim_value == want, (t.name, want)
 
 
+@pytest.mark.parametrize("graph", UNET_GRAPHS)
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("size", LATENT_SIZES)
-def test_unet_parity(tiny_onnx, torch_runners, batch, size):
+def test_unet_parity(tiny_onnx, torch_runners, graph, batch, size):
     gen = torch.Generator().manual_seed(batch * 100 + size[1])
     sample = torch.randn(batch, 4, *size, generator=gen)
     context = torch.randn(batch, 77, 32, generator=gen)
     timestep = torch.tensor([637.0])
     with torch.no_grad():
         noise_ref, score_ref = torch_runners.unet(sample, timestep, context)
-    noise, score = session(tiny_onnx, "unet").run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
-                                                         "encoder_hidden_states": context.numpy()})
+    noise, score = session(tiny_onnx, graph).run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
+                                                        "encoder_hidden_states": context.numpy()})
     assert score.dtype == np.float32 and score.shape == tuple(score_ref.shape)
     assert score.shape[1:] == (specs.map_side(size[0], 1), specs.map_side(size[1], 1))
     assert relative_error(noise, noise_ref) <= BOUND
@@ -109,8 +121,9 @@ def test_manifest_records_request_files_and_io(tiny, tiny_onnx):
     assert manifest["model_fingerprint"] == tiny.fingerprint and manifest["model_source"] == "tiny"
     assert (manifest["opset"], manifest["precision"]) == (17, "fp32")
     assert manifest["model_info"]["text_layers"] == 2 and manifest["sag_map_downsamplings"] == 1
-    for name in ("unet.onnx", "text_encoder.onnx", "vae_decoder.onnx", "tokenizer/tokenizer_config.json",
-                 "scheduler/scheduler_config.json"):
+    assert manifest["fused_attention_unet"] == "unet_fused.onnx" and FUSED_UNET not in manifest["networks"]
+    for name in ("unet.onnx", "unet_fused.onnx", "text_encoder.onnx", "vae_decoder.onnx",
+                 "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
         entry = manifest["files"][name]
         assert entry["bytes"] == (tiny_onnx / name).stat().st_size
         assert entry["sha256"] == artifacts.sha256_file(tiny_onnx / name)
@@ -135,6 +148,25 @@ def test_mismatched_request_is_refused_with_the_command(tiny, tiny_onnx):
         export_model(tiny, tiny_onnx, opset=18, progress=False)
 
 
+def test_fused_attention_processor_matches_the_layers_own_and_is_scoped(tiny):
+    from sagrt.export.attention import fused_attention, is_plain_attention
+
+    gen = torch.Generator().manual_seed(11)
+    sample, context = torch.randn(2, 4, 7, 9, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    before = {name: type(p) for name, p in tiny.unet.attn_processors.items()}
+    with torch.no_grad():
+        reference = tiny.unet(sample, 300, encoder_hidden_states=context).sample
+        with fused_attention(tiny.unet):
+            assert {type(p).__name__ for p in tiny.unet.attn_processors.values()} == {"FusedAttentionProcessor"}
+            fused = tiny.unet(sample, 300, encoder_hidden_states=context).sample
+        with pytest.raises(KeyError), fused_attention(tiny.unet):
+            raise KeyError("inside")
+    assert relative_error(fused, reference) <= BOUND
+    assert {name: type(p) for name, p in tiny.unet.attn_processors.items()} == before
+    # the VAE's attention has a group norm and a residual: it is not plain and would keep its processor
+    assert not is_plain_attention(tiny.vae.decoder.mid_block.attentions[0])
+
+
 def test_default_folder_comes_from_the_cache(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("SAGRT_CACHE", str(tmp_path))
     assert artifacts.artifact_dir(tiny.fingerprint, "onnx", "k") == tmp_path / tiny.fingerprint / "onnx" / "k"
@@ -148,14 +180,21 @@ def test_external_data_forced(tiny, torch_runners, tmp_path):
         assert f"{network}.onnx.data" in manifest["files"] and data.stat().st_size > 10_000
         assert (folder / f"{network}.onnx").stat().st_size < data.stat().st_size
         onnx.checker.check_model(str(folder / f"{network}.onnx"))
+    # the fused graph stores no second copy of the UNet weights: it points into unet.onnx.data
+    fused = onnx.load(str(folder / f"{FUSED_UNET}.onnx"), load_external_data=False)
+    locations = {entry.value for tensor in fused.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    assert locations == {"unet.onnx.data"} and not (folder / f"{FUSED_UNET}.onnx.data").exists()
+    onnx.checker.check_model(str(folder / f"{FUSED_UNET}.onnx"))
     gen = torch.Generator().manual_seed(5)
     sample, context = torch.randn(2, 4, 8, 12, generator=gen), torch.randn(2, 77, 32, generator=gen)
     timestep = torch.tensor([400.0])
-    noise, score = session(folder, "unet").run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
-                                                      "encoder_hidden_states": context.numpy()})
     with torch.no_grad():
         noise_ref, score_ref = torch_runners.unet(sample, timestep, context)
-    assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
+    for graph in UNET_GRAPHS:
+        noise, score = session(folder, graph).run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
+                                                         "encoder_hidden_states": context.numpy()})
+        assert relative_error(noise, noise_ref) <= BOUND and relative_error(score, score_ref) <= BOUND
     export_model(tiny, folder, force=True, external_data=False, progress=False)
     assert not list(folder.glob("*.data")) and verify_export(folder)
 
@@ -170,12 +209,14 @@ def test_fp16_export_keeps_the_score_float32(tiny, tmp_path):
     assert next(tiny.unet.parameters()).dtype == torch.float32  # the caller's modules are left in fp32
     gen = torch.Generator().manual_seed(9)
     sample, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
-    noise, score = session(folder, "unet").run(None, {"sample": sample.half().numpy(),
-                                                      "timestep": np.array([500.0], np.float32),
-                                                      "encoder_hidden_states": context.half().numpy()})
     with torch.no_grad():
         noise_ref, score_ref = TorchRunners(tiny).unet(sample, torch.tensor([500.0]), context)
-    assert relative_error(noise, noise_ref) <= 1e-2 and relative_error(score, score_ref) <= 1e-3
+    for graph in UNET_GRAPHS:
+        noise, score = session(folder, graph).run(None, {"sample": sample.half().numpy(),
+                                                         "timestep": np.array([500.0], np.float32),
+                                                         "encoder_hidden_states": context.half().numpy()})
+        assert score.dtype == np.float32
+        assert relative_error(noise, noise_ref) <= 1e-2 and relative_error(score, score_ref) <= 1e-3
 
 
 @pytest.mark.parametrize("network", NETWORKS)

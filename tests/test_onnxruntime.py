@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import relative_error
-from sagrt.engine.onnxruntime_runner import OrtInputError, OrtRunners, ProviderError, resolve_providers
+from sagrt.engine.onnxruntime_runner import OrtInputError, OrtRunners, ProviderError, resolve_providers, unet_graph
 from sagrt.export import artifacts
+from sagrt.export.onnx_export import ExportError
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.backends import resolve_auto
 from sagrt.runtime.cli import main
@@ -45,7 +46,17 @@ def test_io_binding_path_matches_the_plain_path(tiny_onnx, ort_runners):
     assert image.shape == (2, 3, 56, 72) and torch.allclose(image, ort_runners.decode(sample), atol=1e-6)
 
 
-def test_runner_calls_match_torch(tiny, ort_runners):
+def test_fused_attention_graph_runs_except_under_tensorrt(tiny_onnx, ort_runners):
+    manifest = ort_runners.manifest
+    assert ort_runners.files["unet"] == "unet_fused.onnx"
+    assert OrtRunners(tiny_onnx, ["cpu"], fused_attention=False).files["unet"] == "unet.onnx"
+    assert unet_graph(manifest, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "unet_fused.onnx"
+    assert unet_graph(manifest, ALL_GPU) == "unet.onnx"  # TensorRT's parser does not know com.microsoft ops
+
+
+@pytest.mark.parametrize("fused_attention", [True, False])
+def test_runner_calls_match_torch(tiny, tiny_onnx, fused_attention):
+    ort_runners = OrtRunners(tiny_onnx, ["cpu"], fused_attention=fused_attention)
     reference = TorchRunners(tiny)
     gen = torch.Generator().manual_seed(4)
     input_ids = torch.randint(0, 591, (2, 77), generator=gen)
@@ -124,6 +135,14 @@ def test_backend_exports_on_first_use_and_reuses_it(tmp_path, monkeypatch):
     second = SAGPipeline.from_pretrained("tiny", backend="auto")
     assert second.runners.name == "onnxruntime" and second.runners.export_dir == folder
     assert (folder / "unet.onnx").stat().st_ino == inode
+    # an export an older sagrt left in the cache is redone; one in a folder the user named is refused
+    manifest = artifacts.read_manifest(folder)
+    artifacts.write_manifest(folder, {**manifest, "sagrt_version": "0.0.1"})
+    with pytest.raises(ExportError, match="sagrt_version: found '0.0.1'.*--force"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", export_dir=folder)
+    third = SAGPipeline.from_pretrained("tiny", backend="onnxruntime")
+    assert third.runners.manifest["sagrt_version"] == manifest["sagrt_version"]
+    assert (folder / "unet.onnx").stat().st_ino != inode
 
 
 # ---- sagrt parity -------------------------------------------------------------------------------
