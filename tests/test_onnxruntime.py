@@ -52,6 +52,9 @@ def test_fused_attention_graph_runs_except_under_tensorrt(tiny_onnx, ort_runners
     assert OrtRunners(tiny_onnx, ["cpu"], fused_attention=False).files["unet"] == "unet.onnx"
     assert unet_graph(manifest, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "unet_fused.onnx"
     assert unet_graph(manifest, ALL_GPU) == "unet.onnx"  # TensorRT's parser does not know com.microsoft ops
+    # CPU sessions spin between the nodes of a run and stop spinning when it ends
+    options = ort_runners.sessions["unet"].get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 @pytest.mark.parametrize("fused_attention", [True, False])
