@@ -26,10 +26,15 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; finished artifacts get the usual mode
+        set_usual_mode(tmp)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def set_usual_mode(path: str | Path) -> None:
+    """Gives a finished artifact the mode a new file gets under the process umask (0644 usually)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

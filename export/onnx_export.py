@@ -153,7 +153,7 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
         torch.onnx.export(module, sample_inputs(name, components, dtype), str(raw_path), dynamo=False,
                           input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
                           dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
-                          custom_opsets={"com.microsoft": 1})
+                          custom_opsets={"com.microsoft": 1} if name == FUSED_UNET else None)
     raw_bytes = sum(f.stat().st_size for f in raw.iterdir())
     external = raw_bytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     # re-save so a large graph's weights sit in one data file beside it instead of one file per tensor
@@ -166,7 +166,10 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
                     all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     shutil.rmtree(raw)
     onnx.checker.check_model(str(folder / spec.filename))
-    return [spec.filename, data_name] if (folder / data_name).exists() else [spec.filename]
+    names = [spec.filename, data_name] if (folder / data_name).exists() else [spec.filename]
+    for written in names:
+        artifacts.set_usual_mode(folder / written)  # onnx writes external data files 0600
+    return names
 
 
 def share_weights(model, exported: Path) -> None:
@@ -187,7 +190,7 @@ def share_weights(model, exported: Path) -> None:
                 stored[key] = tensor.external_data
     for tensor in model.graph.initializer:
         key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
-        if tensor.HasField("raw_data") and key in stored:
+        if key in stored:
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]

@@ -183,6 +183,7 @@ def test_external_data_forced(tiny, torch_runners, tmp_path):
     for network in NETWORKS:
         data = folder / f"{network}.onnx.data"
         assert f"{network}.onnx.data" in manifest["files"] and data.stat().st_size > 10_000
+        assert data.stat().st_mode & 0o777 == (folder / f"{network}.onnx").stat().st_mode & 0o777  # not 0600
         assert (folder / f"{network}.onnx").stat().st_size < data.stat().st_size
         onnx.checker.check_model(str(folder / f"{network}.onnx"))
     # the fused graph stores no second copy of the UNet weights: it points into unet.onnx.data
