@@ -204,6 +204,7 @@ DAMAGES = {
     "truncated": (lambda f: (f / "vae_decoder.onnx").write_bytes((f / "vae_decoder.onnx").read_bytes()[:1000]),
                   "vae_decoder.onnx .* is truncated"),
     "corrupted": (lambda f: flip_one_byte(f / "text_encoder.onnx"), "text_encoder.onnx .* is corrupted"),
+    "fused corrupted": (lambda f: flip_one_byte(f / "unet_fused.onnx"), "unet_fused.onnx .* is corrupted"),
     "other model": (lambda f: edit_manifest(f, model_fingerprint="preset-0000000000000000"),
                     "model_fingerprint: found 'preset-0000000000000000'"),
     "other version": (lambda f: edit_manifest(f, sagrt_version="0.0.1"), "sagrt_version: found '0.0.1'"),
@@ -237,7 +238,9 @@ def test_export_command_refuses_a_corrupted_export_until_forced(tiny_onnx, tmp_p
     assert "unet.onnx" in one_line_error(capsys)
     assert main(["export", "--model", "tiny", "--out", str(folder), "--force"]) == 0
     out = capsys.readouterr().out
-    assert f"exported tiny to {folder}/" in out and "every operator and attribute is supported" in out
+    assert f"exported tiny to {folder}/" in out
+    assert ("parser check of text_encoder.onnx, unet.onnx, vae_decoder.onnx (unet_fused.onnx is ONNX Runtime's): "
+            "every operator and attribute is supported") in out
     assert main(["export", "--model", "tiny", "--out", str(folder)]) == 0
     assert "reused the matching export" in capsys.readouterr().out
 

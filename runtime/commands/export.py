@@ -36,11 +36,13 @@ def run(args) -> int:
                       if ".onnx" in name)
     verb = "reused the matching export in" if reuse else f"exported {args.model} to"
     print(f"{verb} {folder}/ ({sizes}) in {time.perf_counter() - start:.1f} s")
-    findings = [f"{name}: {finding}" for name in sorted(manifest["networks"])
-                for finding in trt_compat.check_model(folder / f"{name}.onnx")]
+    checked = sorted(f"{name}.onnx" for name in manifest["networks"])
+    findings = [f"{name}: {finding}" for name in checked for finding in trt_compat.check_model(folder / name)]
+    scope = (f"TensorRT {trt_compat.TENSORRT_TARGET} parser check of {', '.join(checked)} "
+             f"({manifest['fused_attention_unet']} is ONNX Runtime's)")
     if findings:
-        print(f"TensorRT {trt_compat.TENSORRT_TARGET} parser check: {len(findings)} finding(s); the tensorrt backend "
-              f"will refuse these graphs:\n  " + "\n  ".join(findings))
+        print(f"{scope}: {len(findings)} finding(s); the tensorrt backend will refuse these graphs:\n  "
+              + "\n  ".join(findings))
     else:
-        print(f"TensorRT {trt_compat.TENSORRT_TARGET} parser check: every operator and attribute is supported")
+        print(f"{scope}: every operator and attribute is supported")
     return 0
