@@ -269,7 +269,7 @@ def verify_export(folder: str | Path, wanted: dict | None = None, model: str | N
         if size != entry["bytes"]:
             raise ExportError(f"{name} in {folder} is truncated or altered ({size} bytes, manifest says "
                               f"{entry['bytes']}): redo the export with `{redo}`")
-        if artifacts.sha256_file(path) != entry["sha256"]:
+        if artifacts.recorded_sha256(folder, name) != entry["sha256"]:
             raise ExportError(f"{name} in {folder} is corrupted (sha256 differs from the manifest): "
                               f"redo the export with `{redo}`")
     return manifest
@@ -337,7 +337,7 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         "model_source": components.source,
         "model_info": ModelInfo.of(components, sag_layer).to_dict(),
         "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
-        "files": {name: {"sha256": artifacts.sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        "files": {name: {"sha256": artifacts.recorded_sha256(folder, name), "bytes": (folder / name).stat().st_size}
                   for name in files},
         "networks": {name: io_table(spec) for name, spec in network_table.items()},
         "fused_attention_unet": f"{FUSED_UNET}.onnx",

@@ -145,7 +145,24 @@ def test_matching_export_is_reused_and_force_redoes_it(tiny, tiny_onnx, tmp_path
     export_model(tiny, folder, force=True, progress=False)
     assert (folder / "unet.onnx").stat().st_ino != before[0]
     verify_export(folder)
-    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging or temporary files left
+    # no staging or temporary files left; the hash record is all
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [artifacts.HASH_RECORD]
+
+
+def test_verification_reads_again_only_the_files_that_changed(tiny_onnx, tmp_path, monkeypatch):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)  # new inodes: the copy's files are all hashed once
+    verify_export(folder)
+    hashed, real_sha256 = [], artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
+    verify_export(folder)
+    assert hashed == []
+    data = bytearray((folder / "unet_fused.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "unet_fused.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="unet_fused.onnx .* is corrupted"):
+        verify_export(folder)
+    assert hashed == ["unet_fused.onnx"]
 
 
 def test_mismatched_request_is_refused_with_the_command(tiny, tiny_onnx):
