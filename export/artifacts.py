@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-HASH_RECORD = ".sha256-record.json"  # see recorded_sha256
+HASH_RECORD = ".sha256-record.json"  # see recorded_sha256s
 
 
 @contextlib.contextmanager
@@ -57,26 +57,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def recorded_sha256(folder: str | Path, name: str) -> str:
-    """sha256 of folder/name, remembered in folder/HASH_RECORD under the file's size, modification time and inode
-    (as git's index does), so a file left untouched since it was last hashed is not read again: loading an
+def recorded_sha256s(folder: str | Path, names) -> dict[str, str]:
+    """sha256 of each folder/name, remembered in folder/HASH_RECORD under the file's size, modification time and
+    inode (as git's index does), so a file left untouched since it was last hashed is not read again: loading an
     SD 1.5 export no longer reads its 3.4 GB of weights. Any write, copy or replacement changes the stat and
     the file is hashed again. Best effort: in a folder sagrt cannot write, every load hashes."""
     folder = Path(folder)
-    info = (folder / name).stat()
-    key = [info.st_size, info.st_mtime_ns, info.st_ino]
     try:
         record = json.loads((folder / HASH_RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    entry = record.get(name)
-    if isinstance(entry, list) and entry[:3] == key:
-        return entry[3]
-    digest = sha256_file(folder / name)
-    record[name] = key + [digest]
-    with contextlib.suppress(OSError):
-        write_bytes_atomic(folder / HASH_RECORD, json.dumps(record, indent=1).encode())
-    return digest
+    digests, changed = {}, False
+    for name in names:
+        info = (folder / name).stat()
+        key = [info.st_size, info.st_mtime_ns, info.st_ino]
+        entry = record.get(name)
+        if not (isinstance(entry, list) and entry[:3] == key):
+            record[name] = entry = key + [sha256_file(folder / name)]
+            changed = True
+        digests[name] = entry[3]
+    if changed:
+        with contextlib.suppress(OSError):
+            write_bytes_atomic(folder / HASH_RECORD, json.dumps(record, indent=1).encode())
+    return digests
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:

@@ -261,7 +261,8 @@ def verify_export(folder: str | Path, wanted: dict | None = None, model: str | N
     differences = artifacts.manifest_differences(manifest, {"kind": "onnx", **(wanted or {})})
     if differences:
         raise ExportError(f"export in {folder} does not match: {'; '.join(differences)}; redo it with `{redo}`")
-    for name, entry in sorted(manifest.get("files", {}).items()):
+    files = sorted(manifest.get("files", {}).items())
+    for name, entry in files:
         path = folder / name
         if not path.is_file():
             raise ExportError(f"{name} is missing from {folder}: redo the export with `{redo}`")
@@ -269,7 +270,9 @@ def verify_export(folder: str | Path, wanted: dict | None = None, model: str | N
         if size != entry["bytes"]:
             raise ExportError(f"{name} in {folder} is truncated or altered ({size} bytes, manifest says "
                               f"{entry['bytes']}): redo the export with `{redo}`")
-        if artifacts.recorded_sha256(folder, name) != entry["sha256"]:
+    digests = artifacts.recorded_sha256s(folder, [name for name, _ in files])
+    for name, entry in files:
+        if digests[name] != entry["sha256"]:
             raise ExportError(f"{name} in {folder} is corrupted (sha256 differs from the manifest): "
                               f"redo the export with `{redo}`")
     return manifest
@@ -301,7 +304,10 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
     fingerprint = model.fingerprint if isinstance(model, Components) else model_fingerprint(model)
     folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
     wanted = request_fields(fingerprint, opset, precision, sag_layer)
-    if not force and artifacts.read_manifest(folder) is not None:
+    manifest = None if force else artifacts.read_manifest(folder)
+    if manifest is not None and out_dir is None and manifest.get("sagrt_version") != wanted["sagrt_version"]:
+        manifest = None  # sagrt's own cache is redone after an upgrade; a folder the user named is only checked
+    if manifest is not None:
         verify_export(folder, wanted, None if isinstance(model, Components) else str(model))
         return folder
 
@@ -337,8 +343,8 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         "model_source": components.source,
         "model_info": ModelInfo.of(components, sag_layer).to_dict(),
         "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
-        "files": {name: {"sha256": artifacts.recorded_sha256(folder, name), "bytes": (folder / name).stat().st_size}
-                  for name in files},
+        "files": {name: {"sha256": digest, "bytes": (folder / name).stat().st_size}
+                  for name, digest in artifacts.recorded_sha256s(folder, files).items()},
         "networks": {name: io_table(spec) for name, spec in network_table.items()},
         "fused_attention_unet": f"{FUSED_UNET}.onnx",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -72,26 +72,16 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
                      providers=None, export_dir=None, opset=None, io_binding=None):
     """ONNX Runtime runners over the model's export (made on first use, reused afterwards); tokenizer,
     scheduler and ModelInfo come from the export folder, a model folder's safety checker runs in torch."""
-    from sagrt import __version__
     from sagrt.engine.onnxruntime_runner import OrtRunners
-    from sagrt.export import artifacts
-    from sagrt.export.models import model_fingerprint
-    from sagrt.export.onnx_export import DEFAULT_OPSET, export_folder, export_model, request_fields
+    from sagrt.export.onnx_export import DEFAULT_OPSET, export_model
 
     precision = "fp16" if dtype == torch.float16 else "fp32"
-    opset = opset or DEFAULT_OPSET
-    fingerprint = model_fingerprint(model)
-    folder = export_folder(fingerprint, export_dir, precision, opset, sag_layer)
-    manifest = artifacts.read_manifest(folder)
-    # sagrt's own cache is redone after an upgrade; an export folder the user named is only ever checked
-    outdated = manifest is not None and export_dir is None and manifest.get("sagrt_version") != __version__
-    if manifest is None or outdated:
-        export_model(model, folder, opset=opset, precision=precision, sag_layer=sag_layer, force=outdated)
+    # exported on first use; a matching export is checked and reused (export_model refuses a foreign one)
+    folder = export_model(model, export_dir, opset=opset or DEFAULT_OPSET, precision=precision, sag_layer=sag_layer)
     if providers is None and device is not None and torch.device(device).type == "cpu":
         providers = ["cpu"]
     device_id = (torch.device(device).index or 0) if device is not None else 0
-    runners = OrtRunners(folder, providers, device_id=device_id, io_binding=io_binding,
-                         wanted=request_fields(fingerprint, opset, precision, sag_layer), model=str(model))
+    runners = OrtRunners(folder, providers, device_id=device_id, io_binding=io_binding, model=str(model))
     return (runners, *saved_parts(folder, model, safety_checker, runners))
 
 
