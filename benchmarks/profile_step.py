@@ -35,13 +35,14 @@ def ort_profile(model: str, height: int, width: int, batch: int = 1, calls: int 
     """Node time by ONNX op type per SAG step, from a profiled session over sagrt's exported UNet graph."""
     import onnxruntime as ort
 
+    from sagrt.engine.onnxruntime_runner import session_options
     from sagrt.runtime.pipeline import SAGPipeline
 
     runners = SAGPipeline.from_pretrained(model, backend="onnxruntime", device="cpu", safety_checker=False).runners
     graph = Path(runners.export_dir) / runners.files["unet"]
+    runners.close()
     with tempfile.TemporaryDirectory(prefix="sagrt-ort-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as OrtRunners' default
+        options = session_options(on_gpu=False)  # what OrtRunners runs, with profiling on
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "unet")
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])

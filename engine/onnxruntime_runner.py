@@ -59,6 +59,27 @@ def resolve_providers(providers=None, available: list[str] | None = None) -> lis
     return resolved
 
 
+def session_options(on_gpu: bool, graph_optimization: str = "all", intra_op_threads: int = 0):
+    """The SessionOptions of every sagrt session (OrtRunners, and benchmarks that profile what it runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    levels = ort.GraphOptimizationLevel
+    options.graph_optimization_level = {"all": levels.ORT_ENABLE_ALL, "extended": levels.ORT_ENABLE_EXTENDED,
+                                        "basic": levels.ORT_ENABLE_BASIC, "none": levels.ORT_DISABLE_ALL,
+                                        }[graph_optimization]
+    options.intra_op_num_threads = intra_op_threads
+    if not on_gpu:
+        # ORT's workers spin between the nodes of a run (fast hand-over on graphs of many small nodes) and,
+        # by default, for a while after it, which steals the cores from the torch ops between engine calls
+        # (SAG blur, scheduler step: 2.6x slower tiny steps measured); stop the spinning when a run ends.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it,
+        # small 256x256 peak RSS fell from 1.51x to 1.17x the eager baseline and steps got faster.
+        options.enable_mem_pattern = False
+    return options
+
+
 def unet_graph(manifest: dict, providers: list[str], fused_attention: bool = True) -> str:
     """The UNet file ONNX Runtime runs: the graph with fused attention on the CPU and CUDA providers, the
     portable unet.onnx when TensorRT's provider comes first (its parser does not know com.microsoft operators)."""
@@ -99,20 +120,7 @@ class OrtRunners(Runners):
         self.dtype = torch.float16 if self.manifest["precision"] == "fp16" else torch.float32
         self.io_binding = on_gpu if io_binding is None else io_binding
 
-        options = ort.SessionOptions()
-        levels = ort.GraphOptimizationLevel
-        options.graph_optimization_level = {"all": levels.ORT_ENABLE_ALL, "extended": levels.ORT_ENABLE_EXTENDED,
-                                            "basic": levels.ORT_ENABLE_BASIC, "none": levels.ORT_DISABLE_ALL,
-                                            }[graph_optimization]
-        options.intra_op_num_threads = intra_op_threads
-        if not on_gpu:
-            # ORT's workers spin between the nodes of a run (fast hand-over on graphs of many small nodes) and,
-            # by default, for a while after it, which steals the cores from the torch ops between engine calls
-            # (SAG blur, scheduler step: 2.6x slower tiny steps measured); stop the spinning when a run ends.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-            # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it,
-            # small 256x256 peak RSS fell from 1.51x to 1.17x the eager baseline and steps got faster.
-            options.enable_mem_pattern = False
+        options = session_options(on_gpu, graph_optimization, intra_op_threads)
         self.files = {name: spec.filename for name, spec in self.specs.items()}
         self.files["unet"] = unet_graph(self.manifest, self.providers, fused_attention)
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
