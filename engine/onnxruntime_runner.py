@@ -88,12 +88,6 @@ def unet_graph(manifest: dict, providers: list[str], fused_attention: bool = Tru
     return "unet.onnx"
 
 
-def spec_from_table(name: str, table: dict) -> specs.NetworkSpec:
-    """The NetworkSpec a manifest's "networks" entry describes."""
-    tensors = lambda rows: tuple(specs.TensorSpec(n, d, tuple(s)) for n, d, s in rows)  # noqa: E731
-    return specs.NetworkSpec(name, tensors(table["inputs"]), tensors(table["outputs"]))
-
-
 class OrtRunners(Runners):
     """Runners over the ONNX Runtime sessions of an export folder (see export.onnx_export)."""
 
@@ -112,7 +106,8 @@ class OrtRunners(Runners):
         self.export_dir = Path(export_dir)
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
         self.info = ModelInfo(**self.manifest["model_info"])
-        self.specs = {name: spec_from_table(name, self.manifest["networks"][name]) for name in NETWORKS}
+        self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
+                      for name in NETWORKS}
         self.map_downsamplings = self.manifest["sag_map_downsamplings"]
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS

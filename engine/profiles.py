@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from sagrt.errors import SagrtError
-from sagrt.export.specs import TensorSpec
+from sagrt.export.specs import NetworkSpec, TensorSpec
 
 PRECISIONS = ("fp16", "fp32")
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT builder optimisation levels 0..5 (3 is TensorRT's default)
@@ -145,8 +145,7 @@ def engine_filename(network: str, tensorrt_version: str) -> str:
 # ---- profiles ----------------------------------------------------------------------------------
 def network_inputs(export_manifest: dict, network: str) -> tuple[TensorSpec, ...]:
     """The exported graph's inputs with their symbolic shapes, as the export manifest lists them."""
-    entries = export_manifest["networks"][network]["inputs"]
-    return tuple(TensorSpec(name, dtype, tuple(shape)) for name, dtype, shape in entries)
+    return NetworkSpec.from_table(network, export_manifest["networks"][network]).inputs
 
 
 def network_dims(network: str, config: BuildConfig, scale: int) -> dict[str, Range]:

@@ -20,7 +20,7 @@ from sagrt.engine.profiles import BuildConfig, check_shapes, covering_config, sy
 from sagrt.engine.tensorrt_build import rebuild_command, require_tensorrt, this_platform
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import manifest_differences, read_manifest
-from sagrt.export.specs import TensorSpec
+from sagrt.export.specs import NetworkSpec
 from sagrt.runtime.runners import ModelInfo, Runners
 
 # TensorRT DataType name -> torch dtype: the one dtype table (keyed by name so it is usable without TensorRT)
@@ -66,8 +66,7 @@ def check_platform(manifest: dict, platform: dict, engine_dir: str | Path) -> No
 
 def shape_rebuild_command(manifest: dict, engine_dir, network: str, shapes: dict[str, tuple]) -> str:
     """The build command whose profiles would include this call."""
-    entry = manifest["engines"][network]
-    inputs = tuple(TensorSpec(name, dtype, tuple(shape)) for name, dtype, shape in entry["inputs"])
+    inputs = NetworkSpec.from_table(network, manifest["engines"][network]).inputs
     config = BuildConfig.from_dict(manifest["build_config"])
     scale = manifest["model_info"]["vae_scale_factor"]
     wider = covering_config(config, network, symbolic_dims(inputs, shapes), scale)

@@ -278,11 +278,6 @@ def verify_export(folder: str | Path, wanted: dict | None = None, model: str | N
     return manifest
 
 
-def io_table(spec: specs.NetworkSpec) -> dict:
-    return {"inputs": [[t.name, t.dtype, list(t.shape)] for t in spec.inputs],
-            "outputs": [[t.name, t.dtype, list(t.shape)] for t in spec.outputs]}
-
-
 def _move_into(staging: Path, folder: Path, name: str) -> None:
     target = folder / name
     if target.is_dir():
@@ -345,7 +340,7 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
         "files": {name: {"sha256": digest, "bytes": (folder / name).stat().st_size}
                   for name, digest in artifacts.recorded_sha256s(folder, files).items()},
-        "networks": {name: io_table(spec) for name, spec in network_table.items()},
+        "networks": {name: spec.to_table() for name, spec in network_table.items()},
         "fused_attention_unet": f"{FUSED_UNET}.onnx",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -35,6 +35,18 @@ class NetworkSpec:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in self.inputs + self.outputs if any(isinstance(d, str) for d in t.shape)}
 
+    def to_table(self) -> dict:
+        """The network's entry in a manifest: {"inputs": [[name, dtype, shape]], "outputs": [...]}."""
+        return {"inputs": [[t.name, t.dtype, list(t.shape)] for t in self.inputs],
+                "outputs": [[t.name, t.dtype, list(t.shape)] for t in self.outputs]}
+
+    @classmethod
+    def from_table(cls, name: str, table: dict) -> "NetworkSpec":
+        """The NetworkSpec a manifest entry (to_table) describes."""
+        def tensors(rows):
+            return tuple(TensorSpec(n, d, tuple(shape)) for n, d, shape in rows)
+        return cls(name, tensors(table["inputs"]), tensors(table["outputs"]))
+
     def shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
         """Concrete shape of every input and output for the given symbolic dimension values."""
         return {t.name: tuple(dims[d] if isinstance(d, str) else d for d in t.shape) for t in self.inputs + self.outputs}
