@@ -15,7 +15,6 @@ import argparse
 import datetime
 import gc
 import importlib.util
-import json
 import platform
 import shlex
 import statistics
@@ -31,7 +30,7 @@ import torch
 from sagrt import __version__
 from sagrt.engine.profiles import BuildConfig, Range
 from sagrt.engine.tensorrt_build import cuda_missing, tensorrt_missing
-from sagrt.export.artifacts import write_bytes_atomic
+from sagrt.export.artifacts import write_json_atomic
 from sagrt.runtime.metrics import psnr_db as psnr
 from sagrt.runtime.metrics import relative_error
 
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
                      "psnr_bound_db": PSNR_BOUND_DB},
         "steps": [asdict(s) for s in steps],
     }
-    write_bytes_atomic(args.json, (json.dumps(report, indent=2, default=str) + "\n").encode())
+    write_json_atomic(args.json, report, default=str)
     print(f"\nwrote {args.json}")
     failed = [s for s in steps if s.status == "failed" or s.results.get("passed") is False]
     return 1 if failed else 0

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sagrt.export.artifacts import write_bytes_atomic
+from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
 from sagrt.runtime.benchmark import BASELINE, BenchConfig, markdown, run_bench
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ def measure(runs: dict[str, BenchConfig], out: Path, label: str | None) -> None:
         report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
         report["label"] = label
         report["wall_s"] = time.perf_counter() - start
-        write_bytes_atomic(out / f"{name}.json", (json.dumps(report, indent=2) + "\n").encode())
+        write_json_atomic(out / f"{name}.json", report)
         print(f"{name}: {report['wall_s']:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -205,7 +205,7 @@ def main():
         if PROFILE in names:
             model, size = ("tiny", 64) if args.smoke else ("small", 256)
             collected = profile_step.collect(model, size, size)
-            write_bytes_atomic(profile_path, (json.dumps(collected, indent=2) + "\n").encode())
+            write_json_atomic(profile_path, collected)
     reports = {name: json.loads((out / f"{name}.json").read_text()) for name in RUNS if (out / f"{name}.json").exists()}
     if not reports:
         sys.exit(f"no reports in {out}/: run python benchmarks/results.py first")

@@ -82,9 +82,14 @@ def recorded_sha256s(folder: str | Path, names) -> dict[str, str]:
     return digests
 
 
+def write_json_atomic(path: str | Path, data, **dumps_options) -> None:
+    """`data` as indented JSON (one trailing newline), written atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, **dumps_options) + "\n").encode())
+
+
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
     path = Path(folder) / MANIFEST
-    write_bytes_atomic(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_json_atomic(path, manifest, sort_keys=True)
     return path
 
 

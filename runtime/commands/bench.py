@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from sagrt.export.artifacts import write_bytes_atomic
+from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
 from sagrt.runtime.benchmark import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
 from sagrt.runtime.commands.common import writable_dir
 from sagrt.runtime.schedulers import canonical_name, scheduler_names
@@ -56,7 +55,7 @@ def run(args) -> int:
     text = markdown(report)
     print(text)
     if args.json:
-        write_bytes_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+        write_json_atomic(args.json, report)
     if args.markdown:
         write_bytes_atomic(args.markdown, text.encode())
     return 0

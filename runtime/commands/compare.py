@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import atomic_path
 from sagrt.runtime.commands.common import (add_denoise_arguments, add_model_arguments, add_sag_arguments,
-                                           open_pipeline, sag_config, writable_dir)
+                                           open_pipeline, sag_config, save_image_atomic, writable_dir)
 from sagrt.runtime.grid import image_grid, overlay_mask
 from sagrt.runtime.guidance import sag_mask
 from sagrt.runtime.runners import UNetRecorder
@@ -95,8 +94,7 @@ def run(args) -> int:
     row_labels = [name + (" karras" if karras else "") for name in names]
     col_labels = [f"sag {scale:g}" for scale in scales]
     grid = image_grid(rows, row_labels, col_labels)
-    with atomic_path(out) as tmp:
-        grid.save(tmp, format="PNG")
+    save_image_atomic(grid, out)
     mask_note = f", SAG mask of step {args.show_mask} in red" if args.show_mask is not None else ""
     print(f"wrote {out} ({len(rows)} scheduler(s) x {len(scales)} SAG scale(s), {grid.width}x{grid.height}"
           f"{mask_note})")
