@@ -5,6 +5,8 @@ Shared by every backend: the loop hands these the runner outputs, nothing else.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -14,14 +16,21 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
-    """Depthwise Gaussian blur with reflect padding, as diffusers' SAG pipeline computes it. Latents too
-    small to reflect (a side <= kernel_size // 2, where diffusers crashes) are padded by replication."""
+@functools.lru_cache(maxsize=16)
+def gaussian_kernel_2d(kernel_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (kernel_size, kernel_size) Gaussian diffusers' SAG pipeline blurs with; made once per setting, not
+    every step (on CUDA a fresh one is a host-to-device copy in the middle of the step). Never written to."""
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    kernel_1d = (pdf / pdf.sum()).to(device=img.device, dtype=img.dtype)
-    kernel_2d = torch.mm(kernel_1d[:, None], kernel_1d[None, :])
+    kernel_1d = (pdf / pdf.sum()).to(device=device, dtype=dtype)
+    return torch.mm(kernel_1d[:, None], kernel_1d[None, :])
+
+
+def gaussian_blur_2d(img: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """Depthwise Gaussian blur with reflect padding, as diffusers' SAG pipeline computes it. Latents too
+    small to reflect (a side <= kernel_size // 2, where diffusers crashes) are padded by replication."""
+    kernel_2d = gaussian_kernel_2d(kernel_size, float(sigma), img.device, img.dtype)
     kernel_2d = kernel_2d.expand(img.shape[-3], 1, kernel_size, kernel_size)
     pad = kernel_size // 2
     mode = "reflect" if min(img.shape[-2:]) > pad else "replicate"
