@@ -112,17 +112,21 @@ def sample_inputs(name: str, components: Components, dtype: torch.dtype) -> tupl
     return (torch.randn(2, specs.LATENT_CHANNELS, h, w, generator=gen).to(dtype),)
 
 
+def in_dtype(components: Components, dtype: torch.dtype) -> Components:
+    """The components with UNet and VAE in `dtype`: cast copies where needed (the caller's modules keep theirs),
+    made once per export so the two UNet graphs trace one copy. The text encoder runs in its own dtype."""
+    def cast(module):
+        return module if next(module.parameters()).dtype == dtype else copy.deepcopy(module).to(dtype)
+    return dataclasses.replace(components, unet=cast(components.unet), vae=cast(components.vae))
+
+
 def export_module(name: str, components: Components, dtype: torch.dtype, sag_layer: str):
-    """The module torch.onnx.export traces for network `name`, in `dtype` (a copy: the caller's modules keep theirs)."""
+    """The module torch.onnx.export traces for network `name` (components already `in_dtype`)."""
     if name == "text_encoder":
         return TextEncoderWithLayers(components.text_encoder, out_dtype=dtype).eval()
     if name in ("unet", FUSED_UNET):
-        module = UNetWithScore(components.unet, sag_layer, fused=name == FUSED_UNET)
-    else:
-        module = VaeDecoder(components.vae)
-    if next(module.parameters()).dtype != dtype:
-        module = copy.deepcopy(module).to(dtype)
-    return module.eval()
+        return UNetWithScore(components.unet, sag_layer, fused=name == FUSED_UNET).eval()
+    return VaeDecoder(components.vae).eval()
 
 
 def sag_map_downsamplings(components: Components, sag_layer: str) -> int:
@@ -316,11 +320,12 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
     try:
         names = []
         graphs = {**network_table, FUSED_UNET: dataclasses.replace(network_table["unet"], name=FUSED_UNET)}
+        traced = in_dtype(components, dtype)
         steps = tqdm(list(graphs) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
         for name in steps:
             steps.set_postfix_str(name)
             if name in graphs:
-                names += export_network(name, components, graphs[name], staging, opset=opset, dtype=dtype,
+                names += export_network(name, traced, graphs[name], staging, opset=opset, dtype=dtype,
                                         sag_layer=sag_layer, external_data=external_data)
             else:
                 components.tokenizer.save_pretrained(staging / "tokenizer")
