@@ -9,6 +9,7 @@ manifest is written last, so a folder with a manifest is a finished build.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import atomic_path, read_manifest, sha256_file, write_bytes_atomic, write_manifest
+from sagrt.export.artifacts import MANIFEST, read_manifest, write_bytes_atomic, write_manifest
 from sagrt.export.attention import MID_BLOCK_LAYER
 
 TENSORRT_MIN = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) arrived in 10.1
@@ -227,8 +228,8 @@ class BuildPlan:
 
 
 def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict, config: BuildConfig,
-                 timing_cache: Path, progress: bool) -> None:
-    """Parses one ONNX file into a strongly typed network and writes its engine atomically."""
+                 timing_cache: Path, progress: bool) -> str:
+    """Parses one ONNX file into a strongly typed network, writes its engine atomically; returns its sha256."""
     network_name = onnx_path.stem
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -262,9 +263,9 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
         display.close()
     if plan is None:
         raise BuildError(f"TensorRT could not build the {network_name} engine (its log above says why)")
-    with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(plan)
+    write_bytes_atomic(engine_path, plan)
     write_bytes_atomic(timing_cache, bytes(build_config.get_timing_cache().serialize()))
+    return hashlib.sha256(memoryview(plan)).hexdigest()  # from memory: the engine file is not read back
 
 
 def copy_folder_atomic(source: Path, target: Path) -> None:
@@ -289,18 +290,18 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
         if progress:
             print(f"TensorRT engines up to date in {engine_dir}")
         return engine_dir
-    (engine_dir / "manifest.json").unlink(missing_ok=True)  # a half-rebuilt folder must not look finished
+    (engine_dir / MANIFEST).unlink(missing_ok=True)  # a half-rebuilt folder must not look finished
     timing_cache = Path(plan.config.timing_cache) if plan.config.timing_cache else engine_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     engine_files = {}
     for network, profile in plan.profiles.items():
         path, start = engine_dir / plan.engine_file(network), time.perf_counter()
-        build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config, timing_cache,
-                     progress)
-        engine_files[network] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                                 "build_seconds": round(time.perf_counter() - start, 1)}
+        digest = build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config,
+                              timing_cache, progress)
+        seconds, size = time.perf_counter() - start, path.stat().st_size
+        engine_files[network] = {"file": path.name, "sha256": digest, "bytes": size, "build_seconds": round(seconds, 1)}
         if progress:
-            print(f"built {path.name}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+            print(f"built {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
     for folder in COPIED_FOLDERS:
         copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
     write_manifest(engine_dir, plan.manifest(engine_dir, engine_files))
