@@ -107,9 +107,9 @@ def timed_generation(pipe, args, size: int) -> tuple[dict, np.ndarray]:
             "gpu_memory_used_mib": (total - free) / 2**20}, image
 
 
-def release(pipe) -> None:
-    pipe.runners.close()
-    del pipe
+def free_cuda_memory() -> None:
+    """Returns to the GPU what the caller's dropped pipeline held (call after `del pipe`), so the next
+    backend's memory reading does not include it."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -137,7 +137,9 @@ def check_preset(preset: str, args, steps: list[Step], out_dir: Path) -> None:
         pipe = SAGPipeline.from_pretrained(preset, backend="torch", device="cuda", torch_dtype=torch.float16,
                                            safety_checker=False)
         results, outputs["torch_image"] = timed_generation(pipe, args, size)
-        release(pipe)
+        pipe.runners.close()
+        del pipe
+        free_cuda_memory()
         return results
 
     def run_tensorrt():
@@ -146,7 +148,9 @@ def check_preset(preset: str, args, steps: list[Step], out_dir: Path) -> None:
         results, outputs["tensorrt_image"] = timed_generation(pipe, args, size)
         results["cuda_graphs"] = all(b.graph is not None for e in pipe.runners.engines.values()
                                      for b in e.bindings.values())
-        release(pipe)
+        pipe.runners.close()
+        del pipe
+        free_cuda_memory()
         return results
 
     def parity():
