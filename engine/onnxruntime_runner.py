@@ -14,7 +14,7 @@ import torch
 
 from sagrt.errors import SagrtError
 from sagrt.export import specs
-from sagrt.export.onnx_export import verify_export
+from sagrt.export.onnx_export import PRECISIONS, verify_export
 from sagrt.runtime.runners import ModelInfo, Runners
 
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -112,7 +112,7 @@ class OrtRunners(Runners):
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if on_gpu else torch.device("cpu")
-        self.dtype = torch.float16 if self.manifest["precision"] == "fp16" else torch.float32
+        self.dtype = PRECISIONS[self.manifest["precision"]]
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = session_options(on_gpu, graph_optimization, intra_op_threads)
