@@ -84,6 +84,14 @@ def this_platform(trt, device: int | None = None) -> dict:
             "tensorrt_version": trt.__version__}
 
 
+def onnx_sha256(export: dict, network: str) -> str:
+    """What a network's engine is built from, as recorded in the export manifest: the graph's sha256, followed by
+    its external weights file's where the weights sit beside the graph (the graph alone only points at them, so
+    new weights in the same architecture would keep its hash)."""
+    files = export["files"]
+    return "+".join(files[name]["sha256"] for name in (f"{network}.onnx", f"{network}.onnx.data") if name in files)
+
+
 # ---- paths and the rebuild command -------------------------------------------------------------
 def default_engine_dir(fingerprint: str, key: str) -> Path:
     """Where engines live when no --out is given: the one place engine paths come from artifacts."""
@@ -194,7 +202,7 @@ class BuildPlan:
         if export["precision"] != config.precision:
             raise BuildError(f"the export in {export_dir} is {export['precision']} but the build asks for "
                              f"{config.precision}: export with --precision {config.precision}")
-        onnx = {network: export["files"][f"{network}.onnx"]["sha256"] for network in export["networks"]}
+        onnx = {network: onnx_sha256(export, network) for network in export["networks"]}
         gpu = {k: platform[k] for k in ("gpu", "compute_capability")}
         key = cache_key(config, platform["tensorrt_version"], onnx, gpu)
         return cls(export_dir, export, config, platform, key, build_profiles(export, config, info.vae_scale_factor))
@@ -220,8 +228,7 @@ class BuildPlan:
             "model_fingerprint": export["model_fingerprint"], "model_source": export["model_source"],
             "model_info": export["model_info"], "sag_layer": export["sag_layer"],
             "export_dir": str(self.export_dir.resolve()),
-            "onnx": {n: {"file": f"{n}.onnx", "sha256": export["files"][f"{n}.onnx"]["sha256"]}
-                     for n in export["networks"]},
+            "onnx": {n: {"file": f"{n}.onnx", "sha256": onnx_sha256(export, n)} for n in export["networks"]},
             "engines": {n: {**engine_files[n], **export["networks"][n], "profile": self.profiles[n]}
                         for n in export["networks"]},
         }

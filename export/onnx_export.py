@@ -159,7 +159,10 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
                           dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
                           custom_opsets={"com.microsoft": 1} if name == FUSED_UNET else None)
     raw_bytes = sum(f.stat().st_size for f in raw.iterdir())
-    external = raw_bytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if external_data is None:  # the UNet's two graphs always share one weights file; others only when too big
+        external = raw_bytes >= EXTERNAL_DATA_THRESHOLD or name in ("unet", FUSED_UNET)
+    else:
+        external = external_data
     # re-save so a large graph's weights sit in one data file beside it instead of one file per tensor
     model = onnx.load(str(raw_path))
     declare_io_shapes(model.graph, spec)

@@ -222,6 +222,21 @@ def test_external_data_forced(tiny, torch_runners, tmp_path):
     assert not list(folder.glob("*.data")) and verify_export(folder)
 
 
+def test_default_export_stores_the_unet_weights_once(tiny_onnx):
+    """Whatever its size, the UNet goes to one external weights file that both UNet graphs point into; the
+    small networks stay in one file each."""
+    manifest = verify_export(tiny_onnx)
+    assert sorted(name for name in manifest["files"] if name.endswith(".data")) == ["unet.onnx.data"]
+    assert [path.name for path in tiny_onnx.glob("*.data")] == ["unet.onnx.data"]
+    for graph in UNET_GRAPHS:
+        model = onnx.load(str(tiny_onnx / f"{graph}.onnx"), load_external_data=False)
+        locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                     if entry.key == "location"}
+        assert locations == {"unet.onnx.data"}
+    data_bytes = (tiny_onnx / "unet.onnx.data").stat().st_size
+    assert (tiny_onnx / f"{FUSED_UNET}.onnx").stat().st_size < data_bytes / 10
+
+
 def test_fp16_export_keeps_the_score_float32(tiny, tmp_path):
     folder = export_model(tiny, tmp_path / "fp16", precision="fp16", progress=False)
     graph = onnx.load(str(folder / "unet.onnx")).graph

@@ -143,6 +143,22 @@ def test_cache_key_hashes_config_tensorrt_onnx_and_gpu():
     assert engine_filename("unet", "10.8.0.43") == "unet.trt10.8.0.43.plan"
 
 
+def test_cache_key_follows_the_weights_stored_beside_a_graph(export_dir, info):
+    """With external data the graph file only points at the weights: new weights in the same architecture keep
+    unet.onnx's hash, and must still name a different build."""
+    key = BuildPlan.make(export_dir, BuildConfig(), PLATFORM).key
+    manifest = export_manifest(info)
+    manifest["files"]["unet.onnx.data"] = {"sha256": "a" * 64, "bytes": 1}
+    write_manifest(export_dir, manifest)
+    with_data = BuildPlan.make(export_dir, BuildConfig(), PLATFORM)
+    assert with_data.key != key
+    assert with_data.manifest(export_dir, {n: {} for n in with_data.profiles})["onnx"]["unet"]["sha256"] == \
+        f"{hashlib.sha256(b'unet').hexdigest()}+{'a' * 64}"
+    manifest["files"]["unet.onnx.data"]["sha256"] = "b" * 64  # other weights, same graph file
+    write_manifest(export_dir, manifest)
+    assert BuildPlan.make(export_dir, BuildConfig(), PLATFORM).key not in (key, with_data.key)
+
+
 def test_plan_refuses_wrong_precision_and_non_exports(export_dir, tmp_path):
     with pytest.raises(BuildError, match="the export in .* is fp16 but the build asks for fp32: export with "
                                          "--precision fp32"):
