@@ -218,7 +218,7 @@ class BuildPlan:
         return all((engine_dir / e["file"]).is_file() and (engine_dir / e["file"]).stat().st_size == e["bytes"]
                    for e in manifest["engines"].values())
 
-    def manifest(self, engine_dir: Path, engine_files: dict[str, dict]) -> dict:
+    def manifest(self, engine_files: dict[str, dict]) -> dict:
         from sagrt import __version__
 
         export = self.export
@@ -311,7 +311,7 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
             print(f"built {path.name}: {size / 2**20:.1f} MiB in {seconds:.1f} s")
     for folder in COPIED_FOLDERS:
         copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
-    write_manifest(engine_dir, plan.manifest(engine_dir, engine_files))
+    write_manifest(engine_dir, plan.manifest(engine_files))
     return engine_dir
 
 

@@ -152,7 +152,7 @@ def test_cache_key_follows_the_weights_stored_beside_a_graph(export_dir, info):
     write_manifest(export_dir, manifest)
     with_data = BuildPlan.make(export_dir, BuildConfig(), PLATFORM)
     assert with_data.key != key
-    assert with_data.manifest(export_dir, {n: {} for n in with_data.profiles})["onnx"]["unet"]["sha256"] == \
+    assert with_data.manifest({n: {} for n in with_data.profiles})["onnx"]["unet"]["sha256"] == \
         f"{hashlib.sha256(b'unet').hexdigest()}+{'a' * 64}"
     manifest["files"]["unet.onnx.data"]["sha256"] = "b" * 64  # other weights, same graph file
     write_manifest(export_dir, manifest)
@@ -167,14 +167,14 @@ def test_plan_refuses_wrong_precision_and_non_exports(export_dir, tmp_path):
         BuildPlan.make(tmp_path / "nothing", BuildConfig(), PLATFORM)
 
 
-def engine_manifest(export_dir, engine_dir, config=BuildConfig()):
+def engine_manifest(export_dir, config=BuildConfig()):
     plan = BuildPlan.make(export_dir, config, PLATFORM)
     files = {n: {"file": plan.engine_file(n), "sha256": "0" * 64, "bytes": 10} for n in plan.profiles}
-    return plan, plan.manifest(engine_dir, files)
+    return plan, plan.manifest(files)
 
 
 def test_engine_manifest_records_what_engines_depend_on(export_dir, tmp_path):
-    plan, manifest = engine_manifest(export_dir, tmp_path / "engines")
+    plan, manifest = engine_manifest(export_dir)
     assert manifest["kind"] == "tensorrt" and manifest["cache_key"] == plan.key
     assert {k: manifest[k] for k in PLATFORM} == PLATFORM
     assert manifest["precision"] == "fp16" and manifest["onnx"]["unet"]["sha256"] == hashlib.sha256(b"unet").hexdigest()
@@ -196,7 +196,7 @@ def test_rebuild_command_round_trips_through_the_cli(export_dir, tmp_path):
 
     config = BuildConfig(batch=Range(1, 2, 3), height=Range(32, 48, 64), optimization_level=4, workspace_gib=2.5,
                          timing_cache=str(tmp_path / "t.cache"))
-    _, manifest = engine_manifest(export_dir, tmp_path / "my engines", config)
+    _, manifest = engine_manifest(export_dir, config)
     command = rebuild_command(manifest, tmp_path / "my engines")
     argv = shlex.split(command)
     assert argv[:2] == ["sagrt", "build"] and argv[-1] == "--force"
@@ -207,7 +207,7 @@ def test_rebuild_command_round_trips_through_the_cli(export_dir, tmp_path):
 
 # ---- manifest against this machine ---------------------------------------------------------------
 def test_check_platform_names_what_differs_and_the_rebuild(export_dir, tmp_path):
-    _, manifest = engine_manifest(export_dir, tmp_path / "engines")
+    _, manifest = engine_manifest(export_dir)
     check_platform(manifest, PLATFORM, tmp_path / "engines")  # same machine: fine
     other = {**PLATFORM, "gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
     with pytest.raises(EngineError) as err:
@@ -230,7 +230,7 @@ def test_missing_engine_manifest_says_how_to_build(tmp_path):
 
 # ---- shape checks ----------------------------------------------------------------------------------
 def test_shapes_inside_the_profile_pass(export_dir, tmp_path):
-    plan, _ = engine_manifest(export_dir, tmp_path)
+    plan, _ = engine_manifest(export_dir)
     profile = plan.profiles["unet"]
     for batch in (1, 2, 8):  # B and 2B of batch 1, and 2B of the largest batch 4
         check_shapes("unet", {"sample": (batch, 4, 5, 16), "timestep": (1,), "encoder_hidden_states": (batch, 77, 32)},
@@ -238,7 +238,7 @@ def test_shapes_inside_the_profile_pass(export_dir, tmp_path):
 
 
 def test_shape_outside_the_profile_names_tensor_and_covering_build(export_dir, tmp_path):
-    plan, manifest = engine_manifest(export_dir, tmp_path / "engines")
+    plan, manifest = engine_manifest(export_dir)
     shapes = {"sample": (16, 4, 8, 24), "timestep": (1,), "encoder_hidden_states": (16, 77, 32)}
     with pytest.raises(ProfileError) as err:
         check_shapes("unet", shapes, plan.profiles["unet"],
@@ -258,7 +258,7 @@ def test_shape_outside_the_profile_names_tensor_and_covering_build(export_dir, t
 
 
 def test_shape_check_refuses_missing_inputs_and_wrong_rank(export_dir, tmp_path):
-    plan, _ = engine_manifest(export_dir, tmp_path)
+    plan, _ = engine_manifest(export_dir)
     with pytest.raises(ProfileError, match=r"TensorRT engine vae_decoder: input 'latent' missing"):
         check_shapes("vae_decoder", {"sample": (1, 4, 8, 8)}, plan.profiles["vae_decoder"], lambda: "")
     with pytest.raises(ProfileError, match=r"latent shape \(1, 4, 8\) is outside"):
