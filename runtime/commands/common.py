@@ -80,20 +80,19 @@ def sag_config(args) -> SAGConfig:
 
 
 def backend_options(args, backend: str) -> dict:
-    """Options of the chosen backend given on the command line, for that backend only."""
-    from sagrt.runtime.backends import resolve_auto
-
+    """Options of the chosen backend (resolved: not 'auto') given on the command line, for that backend only."""
     options = {"onnxruntime": {"providers": args.provider, "export_dir": args.export_dir},
-               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(resolve_auto(backend), {})
+               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(backend, {})
     return {key: value for key, value in options.items() if value is not None}
 
 
 def open_pipeline(args, backend: str | None = None, **extra_options):
     """The pipeline of --model/--backend/--device/--dtype/--sag-layer and the backend's options, with the
     model's own scheduler."""
+    from sagrt.runtime.backends import resolve_auto
     from sagrt.runtime.pipeline import SAGPipeline
 
-    backend = backend or args.backend
+    backend = resolve_auto(backend or args.backend)  # once: probing for TensorRT and a GPU takes a while
     return SAGPipeline.from_pretrained(args.model, backend=backend, device=args.device,
                                        torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
                                        sag_layer=args.sag_layer, **backend_options(args, backend), **extra_options)
