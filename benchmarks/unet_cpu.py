@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,39 +33,6 @@ def time_call(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-# one core's worth of dense float32 work for `seconds`: prints matrix products per second
-PROBE = """
-import os, sys, time
-os.sched_setaffinity(0, {int(sys.argv[1])})
-import numpy as np
-a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
-start, n = time.perf_counter(), 0
-while time.perf_counter() - start < float(sys.argv[2]):
-    a @ a
-    n += 1
-print(n / (time.perf_counter() - start))
-"""
-
-
-def core_probe(seconds: float = 1.5) -> float | None:
-    """How independent the two cores are right now: the same single-threaded float32 loop run on cores 0 and 1 at
-    once, over its speed on core 0 alone. About 1.0: two separate cores; well below: they share one physical core
-    (SMT siblings) or the host takes time from one of them, and code that keeps both busy gains less from the
-    second thread. None on machines with fewer than two cores."""
-    if len(os.sched_getaffinity(0)) < 2:
-        return None
-    cores = sorted(os.sched_getaffinity(0))[:2]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def start(core):
-        return subprocess.Popen([sys.executable, "-c", PROBE, str(core), str(seconds)], env=env,
-                                stdout=subprocess.PIPE, text=True)
-
-    alone = float(start(cores[0]).communicate()[0])
-    together = [start(core) for core in cores]
-    return statistics.mean(float(p.communicate()[0]) for p in together) / alone
 
 
 def transformers_optimized(export_dir: Path, out_dir: Path) -> Path:
@@ -151,7 +116,6 @@ def benchmark(work: Path) -> None:
     for _ in range(args.warmup):
         for call in calls.values():
             call()
-    probe_before = core_probe()
     times = {name: ([], []) for name in calls}  # (first call of a round, the others)
     for _ in range(args.repeats):
         for name, call in calls.items():
@@ -160,11 +124,10 @@ def benchmark(work: Path) -> None:
             rest.extend(time_call(call) for _ in range(args.block - 1))
     median_ms = {name: (statistics.median(first) * 1e3, statistics.median(rest) * 1e3)
                  for name, (first, rest) in times.items()}
-    probe = [probe_before, core_probe()]
     noise_t, score_t = torch_call()
     machine = {"torch": torch.__version__, "onnxruntime": ort.__version__, "torch_threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "load_avg": os.getloadavg(), "core_probe": probe, "date": time.strftime("%Y-%m-%d %H:%M")}
+               "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
     for graph in ort_engines:
         noise_o, score_o = calls[graph]()
         result = {
@@ -179,8 +142,7 @@ def benchmark(work: Path) -> None:
         }
         print(f"| {args.model} | {result['image']} | {args.batch} | {graph} | {result['torch_ms']:.1f} | "
               f"{result['ort_ms']:.1f} | {result['speedup']:.2f}x | {result['first_call_speedup']:.2f}x | "
-              f"{result['noise_pred_rel_err']:.1e} | {' '.join(f'{x:.1f}' for x in machine['load_avg'])} | "
-              f"{' '.join('-' if x is None else f'{x:.2f}' for x in probe)} |")
+              f"{result['noise_pred_rel_err']:.1e} | {' '.join(f'{x:.1f}' for x in machine['load_avg'])} |")
         print(json.dumps(result))
 
 
