@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import math
 
 import pytest
@@ -224,3 +225,21 @@ def test_onnxruntime_backend_against_the_baseline(tmp_path, monkeypatch, capsys)
     # export's torch modules too, 1.16x the baseline, before the prepare step existed)
     assert ours["memory_ratio"] < 1.1
     assert "| 64x64 | 1 | onnxruntime |" in capsys.readouterr().out
+
+
+def test_cpu_state_trace_runs_and_sorts_its_rounds(tmp_path):
+    """benchmarks/cpu_state.py on the tiny model for one second: a line per round, and a table whose slow and
+    normal rows count every round once."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_state.py"
+    env = {**os.environ, "SAGRT_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, str(script), "--model", "tiny", "--size", "64", "--seconds", "1"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    rounds = int(re.search(r"batch 2, (\d+) rounds", out).group(1))
+    assert rounds >= 1 and len(re.findall(r"^\s*[\d.]+ s  2 threads", out, re.M)) == rounds
+    counts = [int(n) for n in re.findall(r"^\| (?:slow|normal) \| (\d+) \|", out, re.M)]
+    assert sum(counts) == rounds and re.search(r"^\| normal \| \d+ \|.* \| \d+\.\d\dx \|$", out, re.M)
