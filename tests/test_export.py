@@ -11,7 +11,8 @@ import torch
 
 from conftest import relative_error
 from sagrt.export import artifacts, specs
-from sagrt.export.onnx_export import FUSED_UNET, ExportError, export_model, network_specs, verify_export
+from sagrt.export.onnx_export import (FUSED_UNET, ExportError, export_model, network_specs, split_geglu,
+                                      verify_export)
 from sagrt.export.trt_compat import check_model
 from sagrt.runtime.runners import TorchRunners
 
@@ -52,6 +53,38 @@ def test_fused_graph_passes_checker_and_has_one_fused_attention_per_layer(tiny, 
     # the fused graph is ONNX Runtime's: the TensorRT parser check names its fused attention nodes, nothing else
     findings = check_model(tiny_onnx / f"{FUSED_UNET}.onnx")
     assert len(findings) == attention_layers - 1 and {f.op for f in findings} == {"MultiHeadAttention"}
+
+
+def test_split_geglu_keeps_the_values_and_is_scoped(tiny):
+    """GEGLU as two linears gives the module's own output; outside the block (also after an exception) every
+    GEGLU runs diffusers' forward again."""
+    from diffusers.models.activations import GEGLU
+
+    unet = tiny.unet
+    modules = [module for module in unet.modules() if type(module) is GEGLU]
+    assert modules
+    gen = torch.Generator().manual_seed(3)
+    sample, context = torch.randn(2, 4, 8, 12, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        reference = unet(sample, 400, encoder_hidden_states=context).sample
+        with split_geglu(unet):
+            assert all("forward" in vars(module) for module in modules)
+            split = unet(sample, 400, encoder_hidden_states=context).sample
+    assert relative_error(split, reference) <= 1e-6
+    with pytest.raises(RuntimeError, match="inside"), split_geglu(unet):
+        raise RuntimeError("inside")
+    assert not any("forward" in vars(module) for module in modules)
+
+
+@pytest.mark.parametrize("graph", UNET_GRAPHS)
+def test_geglu_projections_are_two_matmuls_without_slices(tiny, tiny_onnx, graph):
+    from diffusers.models.activations import GEGLU
+
+    nodes = [node for node in onnx.load(str(tiny_onnx / f"{graph}.onnx"), load_external_data=False).graph.node
+             if "/ff/net.0/" in node.name]
+    ops = [node.op_type for node in nodes]
+    geglus = sum(type(module) is GEGLU for module in tiny.unet.modules())
+    assert ops.count("MatMul") == 2 * geglus and "Slice" not in ops and "Split" not in ops
 
 
 @pytest.mark.parametrize("network", NETWORKS + (FUSED_UNET,))
