@@ -2,8 +2,8 @@
 
 import importlib.util
 import json
-import os
 import math
+import os
 
 import pytest
 import torch

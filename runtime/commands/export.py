@@ -21,8 +21,8 @@ def add_arguments(parser):
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, help=f"self-attention layer SAG reads "
                         f"(default: {MID_BLOCK_LAYER})")
     parser.add_argument("--external-data", action="store_true",
-                        help="store weights in a .data file beside each graph (automatic over 2 GB; the UNet's graphs always "
-                             "share one)")
+                        help="store weights in a .data file beside each graph (automatic over 2 GB; the UNet's "
+                             "two graphs always share one)")
     parser.add_argument("--force", action="store_true", help="export again even if a matching export exists")
 
 
