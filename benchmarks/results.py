@@ -93,6 +93,18 @@ def targets_table(reports: dict) -> str:
     return "\n".join(lines)
 
 
+def breakdown_runs(reports: dict) -> list[tuple[str, tuple]]:
+    """(run, size) whose per-step breakdown the page shows: small's headline, and every headline whose end-to-end
+    target is missed (the page must say what takes the time there)."""
+    runs = [("headline-small", tuple(reports["headline-small"]["config"]["sizes"][0]))] \
+        if "headline-small" in reports else []
+    for _, name, size, key, comparison, target in TARGETS:
+        if key == "speedup_end_to_end" and name in reports and (name, size) not in runs \
+                and verdict(row(reports[name], BACKEND, size)[key], comparison, target) != "met":
+            runs.insert(0, (name, size))
+    return runs
+
+
 def breakdown(report: dict, size) -> str:
     """Per step, where the time goes, from the bench's own stage timing (median runs)."""
     lines = ["| backend | step ms | UNet 2B ms | UNet B ms | rest of the loop ms | text ms | VAE ms |",
@@ -151,9 +163,8 @@ def page(reports: dict, profile_text: str | None) -> str:
               "(CFG-only) step. Loop overhead: (step - UNet calls) / step. Peak RSS: the process's high-water mark "
               "during the runs (reset after loading).", "",
               "## Targets", "", targets_table(reports), ""]
-    if "headline-small" in reports:
-        report = reports["headline-small"]
-        size = tuple(report["config"]["sizes"][0])
+    for name, size in breakdown_runs(reports):
+        report = reports[name]
         parts += [f"## Where the time goes: {report['config']['model']} {size[0]}x{size[1]}, per step", "",
                   breakdown(report, size), ""]
     if profile_text:

@@ -200,6 +200,10 @@ def test_results_page_states_targets_and_misses(bench_run):
     assert report["command"] in text and "## Targets" in text
     assert f"| {ours['speedup_end_to_end']:.2f}x | >= 4.00x |" in text
     assert "onnxruntime end to end vs diffusers, small 256x256 | not measured" in text
+    # a missed end-to-end target (the torch backend, relabelled, is about 1x) gets its per-step breakdown
+    assert ours["speedup_end_to_end"] < 4.0 and "## Where the time goes: tiny 64x64, per step" in text
+    ours["speedup_end_to_end"] = 4.5
+    assert "## Where the time goes: tiny" not in results.page({"headline-tiny": report}, None)
     assert results.verdict(3.0, ">=", 4.0) == "missed: 75% of the target (1.33x short)"
     assert results.verdict(0.06, "<", 0.03) == "missed: 2.0x the limit"
     assert results.verdict(1.003, "<=", 1.0) == "missed: 0.3% over the limit"
