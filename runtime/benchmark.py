@@ -368,16 +368,18 @@ def measure(case: dict, progress=print) -> dict:
         for i in range(case["warmup"]):
             numbers, _, _ = run_once(pipe, log, case, case["sag_scale"])
             progress(f"{label}: warm-up {i + 1}/{case['warmup']} {numbers['total_s']:.2f} s")
-        sag_runs = []
-        for i in range(case["repeats"]):
-            numbers, latents, images = run_once(pipe, log, case, case["sag_scale"])
-            sag_runs.append(numbers)
-            progress(f"{label}: SAG run {i + 1}/{case['repeats']} {numbers['total_s']:.2f} s")
-        cfg_runs = []
-        for i in range(case["cfg_runs"]):
-            numbers, _, _ = run_once(pipe, log, case, 0.0)
-            cfg_runs.append(numbers)
-            progress(f"{label}: sag_scale=0 run {i + 1}/{case['cfg_runs']} {numbers['total_s']:.2f} s")
+        # SAG and CFG-only runs alternate, so that the SAG overhead compares runs made in the same machine state
+        # (this project's VM has slow periods of seconds to minutes)
+        sag_runs, cfg_runs = [], []
+        for i in range(max(case["repeats"], case["cfg_runs"])):
+            if i < case["repeats"]:
+                numbers, latents, images = run_once(pipe, log, case, case["sag_scale"])
+                sag_runs.append(numbers)
+                progress(f"{label}: SAG run {i + 1}/{case['repeats']} {numbers['total_s']:.2f} s")
+            if i < case["cfg_runs"]:
+                numbers, _, _ = run_once(pipe, log, case, 0.0)
+                cfg_runs.append(numbers)
+                progress(f"{label}: sag_scale=0 run {i + 1}/{case['cfg_runs']} {numbers['total_s']:.2f} s")
     result = summarize(sag_runs, case["batch"])
     if cfg_runs:
         cfg_step_ms = summarize(cfg_runs, case["batch"])["step_ms"]

@@ -247,3 +247,15 @@ def test_cpu_state_trace_runs_and_sorts_its_rounds(tmp_path):
     assert rounds >= 1 and len(re.findall(r"^\s*[\d.]+ s  2 threads", out, re.M)) == rounds
     counts = [int(n) for n in re.findall(r"^\| (?:slow|normal) \| (\d+) \|", out, re.M)]
     assert sum(counts) == rounds and re.search(r"^\| normal \| \d+ \|.* \| \d+\.\d\dx \|$", out, re.M)
+
+
+def test_sag_and_cfg_only_runs_alternate():
+    """The SAG overhead divides SAG runs by CFG-only runs: they take turns, so both see the same machine state;
+    extra runs of either kind come at the end."""
+    config = BenchConfig(model="tiny", backends=("torch",), sizes=((64, 64),), steps=1, repeats=3, warmup=0,
+                         cfg_repeats=2)
+    lines = []
+    payload = benchmark.measure(config.case("torch", (64, 64)), progress=lines.append)
+    kinds = ["sag" if ": SAG run" in line else "cfg" for line in lines]
+    assert kinds == ["sag", "cfg", "sag", "cfg", "sag"]
+    assert payload["result"]["sag_overhead"] > 0 and payload["latents"].shape[-2:] == (8, 8)
