@@ -3,10 +3,13 @@
 Every (backend, size) is measured in a fresh Python process (`python -m sagrt.runtime.benchmark CASE OUT`),
 so its peak RSS is its own and not the high-water mark of whatever ran before it. In that process:
 load (untimed; the parent has loaded each engine backend once before in a process of its own, so exports and
-engine builds are done and cached), reset the peak-memory counters, `warmup` untimed runs,
-`repeats` timed SAG runs, then `cfg_repeats` timed runs with sag_scale=0 (CFG only) for the SAG overhead.
-Per-run numbers are reduced by the median. A step is the denoising loop's time (first UNet call to the callback
-after the last scheduler step) over its iterations; loop overhead is that time minus the UNet calls, over it.
+engine builds are done and cached), reset the peak-memory counters, `warmup` untimed runs; then the timed runs,
+made on the parent's word so that the baseline and every backend take turns run by run (each timed run of one
+is next to one of the others in time: this project's VM has slow periods of seconds to minutes, which a
+backend measured all at once could fall into alone): `repeats` SAG runs alternating with `cfg_repeats` runs
+with sag_scale=0 (CFG only) for the SAG overhead. Per-run numbers are reduced by the median. A step is the
+denoising loop's time (first UNet call to the callback after the last scheduler step) over its iterations;
+loop overhead is that time minus the UNet calls, over it.
 
 Stage times come from a timing proxy around the runners (sagrt) or forward hooks on the modules
 (diffusers); both synchronise CUDA before reading the clock, so a call's time is its own.
@@ -349,56 +352,85 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
 
-def measure(case: dict, progress=print) -> dict:
-    """Everything one worker reports for one (backend, size): numbers, final latents and images."""
-    log = CallLog()
-    load_start = time.perf_counter()
-    pipe, device, hooks = load(case, log)
-    pipe.set_progress_bar_config(disable=True)
-    log.cuda = device.type == "cuda"
-    load_s = time.perf_counter() - load_start
-    load_peak = peak_rss_mb()
-    run_scoped = reset_peak_rss()
-    if log.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    label = f"  {case['backend']} {case['height']}x{case['width']}"
-    with ExitStack() as stack:
+class Measurement:
+    """One (backend, size) in this process: loaded and warmed up when made; `run(sag)` times one generation
+    (SAG, or CFG only); `finish()` returns the numbers, final latents and images."""
+
+    def __init__(self, case: dict, progress=print):
+        self.case, self.progress, self.log = case, progress, CallLog()
+        load_start = time.perf_counter()
+        self.pipe, self.device, hooks = load(case, self.log)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.log.cuda = self.device.type == "cuda"
+        self.load_s = time.perf_counter() - load_start
+        self.load_peak = peak_rss_mb()
+        self.run_scoped = reset_peak_rss()
+        if self.log.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.label = f"  {case['backend']} {case['height']}x{case['width']}"
+        self.hooks = ExitStack()
         for hook in hooks:
-            stack.enter_context(hook)
+            self.hooks.enter_context(hook)
+        self.sag_runs, self.cfg_runs, self.latents, self.images = [], [], None, None
         for i in range(case["warmup"]):
-            numbers, _, _ = run_once(pipe, log, case, case["sag_scale"])
-            progress(f"{label}: warm-up {i + 1}/{case['warmup']} {numbers['total_s']:.2f} s")
-        # SAG and CFG-only runs alternate, so that the SAG overhead compares runs made in the same machine state
-        # (this project's VM has slow periods of seconds to minutes)
-        sag_runs, cfg_runs = [], []
-        for i in range(max(case["repeats"], case["cfg_runs"])):
-            if i < case["repeats"]:
-                numbers, latents, images = run_once(pipe, log, case, case["sag_scale"])
-                sag_runs.append(numbers)
-                progress(f"{label}: SAG run {i + 1}/{case['repeats']} {numbers['total_s']:.2f} s")
-            if i < case["cfg_runs"]:
-                numbers, _, _ = run_once(pipe, log, case, 0.0)
-                cfg_runs.append(numbers)
-                progress(f"{label}: sag_scale=0 run {i + 1}/{case['cfg_runs']} {numbers['total_s']:.2f} s")
-    result = summarize(sag_runs, case["batch"])
-    if cfg_runs:
-        cfg_step_ms = summarize(cfg_runs, case["batch"])["step_ms"]
-        sag_overhead = result["step_ms"] / cfg_step_ms
-    elif case["sag_scale"] <= 0:
-        cfg_step_ms, sag_overhead = result["step_ms"], 1.0  # the runs are CFG-only already
-    else:
-        cfg_step_ms = sag_overhead = None  # not measured (--cfg-repeats 0)
-    result.update(cfg_step_ms=cfg_step_ms, sag_overhead=sag_overhead, load_s=load_s,
-                  peak_rss_mb=peak_rss_mb(), load_peak_rss_mb=load_peak,
-                  rss_scope="runs (high-water reset after load)" if run_scoped else "process lifetime",
-                  device=str(device))
-    if log.cuda:
-        result["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return dict(result=result, latents=latents, images=torch.from_numpy(images))
+            numbers, _, _ = run_once(self.pipe, self.log, case, case["sag_scale"])
+            progress(f"{self.label}: warm-up {i + 1}/{case['warmup']} {numbers['total_s']:.2f} s")
+
+    def run(self, sag: bool) -> None:
+        case = self.case
+        numbers, latents, images = run_once(self.pipe, self.log, case, case["sag_scale"] if sag else 0.0)
+        if sag:
+            self.sag_runs.append(numbers)
+            self.latents, self.images = latents, images
+            self.progress(f"{self.label}: SAG run {len(self.sag_runs)}/{case['repeats']} {numbers['total_s']:.2f} s")
+        else:
+            self.cfg_runs.append(numbers)
+            self.progress(f"{self.label}: sag_scale=0 run {len(self.cfg_runs)}/{case['cfg_runs']} "
+                          f"{numbers['total_s']:.2f} s")
+
+    def finish(self) -> dict:
+        self.hooks.close()
+        case = self.case
+        result = summarize(self.sag_runs, case["batch"])
+        if self.cfg_runs:
+            cfg_step_ms = summarize(self.cfg_runs, case["batch"])["step_ms"]
+            sag_overhead = result["step_ms"] / cfg_step_ms
+        elif case["sag_scale"] <= 0:
+            cfg_step_ms, sag_overhead = result["step_ms"], 1.0  # the runs are CFG-only already
+        else:
+            cfg_step_ms = sag_overhead = None  # not measured (--cfg-repeats 0)
+        result.update(cfg_step_ms=cfg_step_ms, sag_overhead=sag_overhead, load_s=self.load_s,
+                      peak_rss_mb=peak_rss_mb(), load_peak_rss_mb=self.load_peak,
+                      rss_scope="runs (high-water reset after load)" if self.run_scoped else "process lifetime",
+                      device=str(self.device))
+        if self.log.cuda:
+            result["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return dict(result=result, latents=self.latents, images=torch.from_numpy(self.images))
+
+
+def run_order(case: dict) -> list[bool]:
+    """The timed runs in the order they are made, SAG (True) and CFG-only (False) taking turns, so that the SAG
+    overhead compares runs made in the same machine state (this project's VM has slow periods of seconds to
+    minutes); the extra runs of either kind come last."""
+    return [sag for i in range(max(case["repeats"], case["cfg_runs"]))
+            for sag, count in ((True, case["repeats"]), (False, case["cfg_runs"])) if i < count]
+
+
+def measure(case: dict, progress=print) -> dict:
+    """Everything one (backend, size) reports, measured in this process: numbers, final latents and images."""
+    measurement = Measurement(case, progress)
+    for sag in run_order(case):
+        measurement.run(sag)
+    return measurement.finish()
+
+
+READY = "sagrt-bench: ready"
 
 
 def worker_main(case_path: str, out_path: str) -> int:
-    """Entry point of the measuring subprocess: reads the case, writes results (or one error line)."""
+    """Entry point of the measuring subprocess: loads and warms up the case, prints READY, then makes one timed
+    run per line it reads ("sag" or "cfg", answering READY after each) until "finish"; writes the results (or one
+    error line)."""
     case = json.loads(Path(case_path).read_text())
     torch.set_grad_enabled(False)
     try:
@@ -406,7 +438,14 @@ def worker_main(case_path: str, out_path: str) -> int:
             load(case, CallLog())
             payload = {}
         else:
-            payload = measure(case, progress=lambda line: print(line, file=sys.stderr, flush=True))
+            measurement = Measurement(case, progress=lambda line: print(line, file=sys.stderr, flush=True))
+            print(READY, flush=True)
+            for command in sys.stdin:
+                if command.strip() == "finish":
+                    break
+                measurement.run(command.strip() == "sag")
+                print(READY, flush=True)
+            payload = measurement.finish()
     except (SagrtError, FileNotFoundError) as err:
         torch.save({"error": str(err).splitlines()[0] if str(err) else type(err).__name__}, out_path)
         return 2
@@ -414,19 +453,55 @@ def worker_main(case_path: str, out_path: str) -> int:
     return 0
 
 
-# ---- the parent: one worker per (backend, size), ratios against the baseline ------------------
+# ---- the parent: one worker per (backend, size), taking turns; ratios against the baseline --------
 
-def run_worker(case: dict, folder: Path) -> dict:
-    """Measures one case in a fresh Python process; its progress lines go to our stderr."""
-    stem = f"{case['backend']}-{case['height']}x{case['width']}" + ("-load" if case.get("load_only") else "")
-    case_path, out_path = folder / f"{stem}.json", folder / f"{stem}.pt"
-    case_path.write_text(json.dumps(case))
-    code = subprocess.run([sys.executable, "-m", "sagrt.runtime.benchmark", str(case_path), str(out_path)]).returncode
-    payload = torch.load(out_path, weights_only=False) if out_path.exists() else {}
-    if code != 0 or "error" in payload:
-        raise BenchError(payload.get("error") or f"measuring {case['backend']} at {case['height']}x{case['width']} "
-                         f"failed (worker exit status {code}; its traceback is above)")
-    return payload
+class Worker:
+    """One case measured in a fresh Python process, driven run by run; its progress lines go to our stderr."""
+
+    def __init__(self, case: dict, folder: Path):
+        stem = f"{case['backend']}-{case['height']}x{case['width']}" + ("-load" if case.get("load_only") else "")
+        self.case, case_path, self.out_path = case, folder / f"{stem}.json", folder / f"{stem}.pt"
+        case_path.write_text(json.dumps(case))
+        self.process = subprocess.Popen([sys.executable, "-m", "sagrt.runtime.benchmark", str(case_path),
+                                         str(self.out_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if not case.get("load_only"):
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        for line in self.process.stdout:
+            if line.strip() == READY:
+                return
+            sys.stderr.write(line)  # whatever a library printed
+        self.finish()  # the worker ended instead: its error
+
+    def run(self, sag: bool) -> None:
+        try:
+            self.process.stdin.write("sag\n" if sag else "cfg\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self.finish()
+        self._wait_ready()
+
+    def finish(self) -> dict:
+        """Ends the worker; its payload, or a BenchError with its error line."""
+        try:
+            self.process.stdin.write("finish\n")
+            self.process.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        sys.stderr.write(self.process.stdout.read())
+        code = self.process.wait()
+        payload = torch.load(self.out_path, weights_only=False) if self.out_path.exists() else {}
+        if code != 0 or "error" in payload:
+            case = self.case
+            raise BenchError(payload.get("error") or f"measuring {case['backend']} at {case['height']}x"
+                             f"{case['width']} failed (worker exit status {code}; its traceback is above)")
+        return payload
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def compare(measured: dict[str, dict], size: tuple[int, int], batch: int) -> list[dict]:
@@ -458,22 +533,30 @@ def _ratio(a, b):
 def run_bench(config: BenchConfig, progress=print) -> dict:
     """Measures every size with the baseline then each backend; returns the report (JSON-ready)."""
     env = environment(config.device)
-    cases = [(size, backend) for size in config.sizes for backend in (BASELINE, *config.backends)]
+    backends = (BASELINE, *config.backends)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sagrt-bench-") as tmp:
         for backend in config.backends:
             if backend != "torch":  # torch has no artifacts; the others export or build engines on first load
                 progress(f"[prepare] {backend}: one untimed load in its own process, so that no measured process "
                          f"pays for (or keeps the memory of) an export or engine build")
-                run_worker(dict(config.case(backend, config.sizes[0]), load_only=True), Path(tmp))
-        measured: dict[str, dict] = {}
-        for k, (size, backend) in enumerate(cases, 1):
-            progress(f"[{k}/{len(cases)}] {backend} {size[0]}x{size[1]} batch {config.batch}, {config.steps} steps, "
-                     f"{config.warmup} warm-up + {config.repeats} repeats")
-            measured[backend] = run_worker(config.case(backend, size), Path(tmp))
-            if backend == config.backends[-1]:
-                rows += compare(measured, size, config.batch)
-                measured = {}
+                Worker(dict(config.case(backend, config.sizes[0]), load_only=True), Path(tmp)).finish()
+        for k, size in enumerate(config.sizes, 1):
+            progress(f"[{k}/{len(config.sizes)}] {size[0]}x{size[1]} batch {config.batch}, {config.steps} steps: "
+                     f"{', '.join(backends)} each load and make {config.warmup} warm-up run(s) in their own "
+                     f"process, then take turns, run by run, over {config.repeats} repeats")
+            workers = {}
+            try:
+                for backend in backends:
+                    workers[backend] = Worker(config.case(backend, size), Path(tmp))
+                for sag in run_order(config.case(BASELINE, size)):
+                    for worker in workers.values():
+                        worker.run(sag)
+                measured = {backend: worker.finish() for backend, worker in workers.items()}
+            finally:
+                for worker in workers.values():
+                    worker.kill()
+            rows += compare(measured, size, config.batch)
     env["load_average_end"] = list(os.getloadavg())
     return dict(command=config.command(), config=asdict(config), environment=env, results=rows)
 

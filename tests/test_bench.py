@@ -259,3 +259,18 @@ def test_sag_and_cfg_only_runs_alternate():
     kinds = ["sag" if ": SAG run" in line else "cfg" for line in lines]
     assert kinds == ["sag", "cfg", "sag", "cfg", "sag"]
     assert payload["result"]["sag_overhead"] > 0 and payload["latents"].shape[-2:] == (8, 8)
+
+
+def test_baseline_and_backend_take_turns_run_by_run(tmp_path, capfd):
+    """Each timed run of the baseline sits next to one of the backend's in time: the workers are driven in turns,
+    SAG and CFG-only runs alternating."""
+    import re
+
+    assert main(["bench", "--model", "tiny", "--backends", "torch", "--size", "64x64", "--steps", "1",
+                 "--repeats", "2", "--cfg-repeats", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    runs = re.findall(r"^  (\w+) 64x64: (SAG run|sag_scale=0 run) (\d)/", capfd.readouterr().err, re.M)
+    assert runs == [(BASELINE, "SAG run", "1"), ("torch", "SAG run", "1"),
+                    (BASELINE, "sag_scale=0 run", "1"), ("torch", "sag_scale=0 run", "1"),
+                    (BASELINE, "SAG run", "2"), ("torch", "SAG run", "2")]
+    rows = rows_by_backend(json.loads((tmp_path / "b.json").read_text()))
+    assert rows["torch"]["sag_overhead"] > 0 and rows["torch"]["latents_relative_error"] <= 1e-5
