@@ -30,7 +30,7 @@ SWEEP = dict(backends=(BACKEND,), steps=4, guidance_scale=7.5, sag_scale=0.75, r
 # name -> what `sagrt bench` measures. small at 20 steps costs most: 3 repeats (not 5) keep the whole script
 # within about 8 minutes on 2 cores; the sweeps time 4 steps, enough for a per-step cost.
 RUNS = {
-    "headline-tiny": BenchConfig(model="tiny", sizes=((64, 64), (128, 128)), repeats=5, warmup=1, **HEADLINE),
+    "headline-tiny": BenchConfig(model="tiny", sizes=((64, 64), (128, 128)), repeats=15, warmup=1, **HEADLINE),
     "headline-small": BenchConfig(model="small", sizes=((256, 256),), repeats=3, warmup=1, cfg_repeats=2, **HEADLINE),
     "scaling-pixels": BenchConfig(model="small", sizes=((128, 128), (192, 192), (256, 256), (320, 320)), **SWEEP),
     **{f"scaling-batch{b}": BenchConfig(model="small", sizes=((128, 128),), batch=b, **SWEEP) for b in (1, 2, 4)},

@@ -425,6 +425,9 @@ def measure(case: dict, progress=print) -> dict:
 
 
 READY = "sagrt-bench: ready"
+# between two workers' runs, so that the process that just ran has wound down (its threads stop spinning) before
+# the next one's timed run: without it, tiny onnxruntime runs took 80 ms instead of 73-75 ms
+TURN_PAUSE_S = 0.2
 
 
 def worker_main(case_path: str, out_path: str) -> int:
@@ -551,6 +554,7 @@ def run_bench(config: BenchConfig, progress=print) -> dict:
                     workers[backend] = Worker(config.case(backend, size), Path(tmp))
                 for sag in run_order(config.case(BASELINE, size)):
                     for worker in workers.values():
+                        time.sleep(TURN_PAUSE_S)
                         worker.run(sag)
                 measured = {backend: worker.finish() for backend, worker in workers.items()}
             finally:
