@@ -534,7 +534,7 @@ def _ratio(a, b):
 
 
 def run_bench(config: BenchConfig, progress=print) -> dict:
-    """Measures every size with the baseline then each backend; returns the report (JSON-ready)."""
+    """Measures every size, the baseline and each backend taking turns run by run; returns the report (JSON-ready)."""
     env = environment(config.device)
     backends = (BASELINE, *config.backends)
     rows = []
