@@ -156,7 +156,8 @@ def page(reports: dict, profile_text: str | None) -> str:
     small, tiny = RUNS["headline-small"], RUNS["headline-tiny"]
     parts += ["Baseline: diffusers' `StableDiffusionSAGPipeline`, eager PyTorch, built from the same modules, same "
               "prompt, seed, DDIM scheduler, guidance 7.5 and sag_scale 0.75. Each backend is measured in its own "
-              "process; warm-up runs are excluded and every number is the median of the repeats in its command. "
+              "process, the processes taking turns run by run (0.2 s apart), SAG and sag_scale=0 runs alternating; "
+              "warm-up runs are excluded and every number is the median of the repeats in its command. "
               f"To keep the whole script near 8 minutes on 2 cores, small at 20 steps uses {small.repeats} repeats "
               f"and {small.cfg_repeats} sag_scale=0 runs (tiny: {tiny.repeats} each) and the sweeps time "
               f"{SWEEP['steps']} steps with {SWEEP['repeats']} repeats. SAG overhead: a SAG step over a sag_scale=0 "
