@@ -416,14 +416,6 @@ def run_order(case: dict) -> list[bool]:
             for sag, count in ((True, case["repeats"]), (False, case["cfg_runs"])) if i < count]
 
 
-def measure(case: dict, progress=print) -> dict:
-    """Everything one (backend, size) reports, measured in this process: numbers, final latents and images."""
-    measurement = Measurement(case, progress)
-    for sag in run_order(case):
-        measurement.run(sag)
-    return measurement.finish()
-
-
 READY = "sagrt-bench: ready"
 # between two workers' runs, so that the process that just ran has wound down (its threads stop spinning) before
 # the next one's timed run: without it, tiny onnxruntime runs took 80 ms instead of 73-75 ms

@@ -255,7 +255,11 @@ def test_sag_and_cfg_only_runs_alternate():
     config = BenchConfig(model="tiny", backends=("torch",), sizes=((64, 64),), steps=1, repeats=3, warmup=0,
                          cfg_repeats=2)
     lines = []
-    payload = benchmark.measure(config.case("torch", (64, 64)), progress=lines.append)
+    case = config.case("torch", (64, 64))
+    measurement = benchmark.Measurement(case, progress=lines.append)
+    for sag in benchmark.run_order(case):  # what a worker is told, run by run
+        measurement.run(sag)
+    payload = measurement.finish()
     kinds = ["sag" if ": SAG run" in line else "cfg" for line in lines]
     assert kinds == ["sag", "cfg", "sag", "cfg", "sag"]
     assert payload["result"]["sag_overhead"] > 0 and payload["latents"].shape[-2:] == (8, 8)
