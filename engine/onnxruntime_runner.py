@@ -12,18 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sagrt import __version__
 from sagrt.errors import SagrtError
 from sagrt.export import specs
-from sagrt.export.onnx_export import PRECISIONS, verify_export
-from sagrt.runtime.runners import ModelInfo, Runners
+from sagrt.export.onnx_export import verify_export
+from sagrt.networks import DTYPE_NAMES, NETWORKS, PRECISIONS, TORCH_DTYPES
+from sagrt.runners import ModelInfo, Runners
 
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 
 class ProviderError(SagrtError):
@@ -101,8 +100,6 @@ class OrtRunners(Runners):
         (com.microsoft MultiHeadAttention); the TensorRT provider always runs the portable unet.onnx."""
         import onnxruntime as ort
 
-        from sagrt import __version__
-
         self.export_dir = Path(export_dir)
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
         self.info = ModelInfo(**self.manifest["model_info"])
@@ -148,12 +145,12 @@ class OrtRunners(Runners):
         binding = session.io_binding()
         device_type, device_index = self.device.type, self.device.index or 0
         for name, tensor in feeds.items():
-            binding.bind_input(name, device_type, device_index, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
+            binding.bind_input(name, device_type, device_index, np.dtype(DTYPE_NAMES[tensor.dtype]).type, tuple(tensor.shape),
                                tensor.data_ptr())
         results = {}
         for t in wanted:
             out = torch.empty(shapes[t.name], dtype=TORCH_DTYPES[t.dtype], device=self.device)
-            binding.bind_output(t.name, device_type, device_index, NUMPY_DTYPES[out.dtype], tuple(out.shape),
+            binding.bind_output(t.name, device_type, device_index, np.dtype(DTYPE_NAMES[out.dtype]).type, tuple(out.shape),
                                 out.data_ptr())
             results[t.name] = out
         if device_type == "cuda":

@@ -16,7 +16,7 @@ from typing import Callable
 from sagrt.errors import SagrtError
 from sagrt.export.specs import NetworkSpec, TensorSpec
 
-PRECISIONS = ("fp16", "fp32")
+ENGINE_PRECISIONS = ("fp16", "fp32")  # TensorRT engines; the SAG score stays float32
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT builder optimisation levels 0..5 (3 is TensorRT's default)
 
 
@@ -85,8 +85,8 @@ class BuildConfig:
     timing_cache: str | None = None  # file; not part of the cache key (it changes build time, not the engine)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise BuildConfigError(f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise BuildConfigError(f"precision {self.precision!r} must be one of {', '.join(ENGINE_PRECISIONS)}")
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise BuildConfigError(f"builder optimisation level {self.optimization_level} must be 0..5")
         if self.workspace_gib is not None and not self.workspace_gib > 0:

@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sagrt import __version__
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import MANIFEST, read_manifest, write_bytes_atomic, write_manifest
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.export.artifacts import MANIFEST, artifact_dir, read_manifest, write_bytes_atomic, write_manifest
+from sagrt.export.onnx_export import export_model
+from sagrt.networks import MID_BLOCK_LAYER
+from sagrt.runners import ModelInfo
 
 TENSORRT_MIN = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) arrived in 10.1
 INSTALL = "on a machine with an NVIDIA GPU and CUDA, install it with: pip install 'sagrt[tensorrt]'"
@@ -95,7 +98,6 @@ def onnx_sha256(export: dict, network: str) -> str:
 # ---- paths and the rebuild command -------------------------------------------------------------
 def default_engine_dir(fingerprint: str, key: str) -> Path:
     """Where engines live when no --out is given: the one place engine paths come from artifacts."""
-    from sagrt.export.artifacts import artifact_dir
 
     return Path(artifact_dir(fingerprint, "tensorrt", key))
 
@@ -190,8 +192,6 @@ class BuildPlan:
 
     @classmethod
     def make(cls, export_dir: str | Path, config: BuildConfig, platform: dict) -> "BuildPlan":
-        from sagrt.runtime.runners import ModelInfo
-
         export_dir = Path(export_dir)
         export = read_manifest(export_dir)
         if not export or export.get("kind") != "onnx":
@@ -219,7 +219,6 @@ class BuildPlan:
                    for e in manifest["engines"].values())
 
     def manifest(self, engine_files: dict[str, dict]) -> dict:
-        from sagrt import __version__
 
         export = self.export
         return {
@@ -319,7 +318,6 @@ def build_for_model(model, config: BuildConfig, out: str | Path | None = None, *
                     force: bool = False, progress: bool = True) -> Path:
     """Exports `model` if needed (reusing a matching export), then builds its engines."""
     require_tensorrt("building TensorRT engines")  # before any export work
-    from sagrt.export.onnx_export import export_model
 
     export_dir = export_model(model, precision=config.precision, sag_layer=sag_layer, progress=progress)
     return build_engines(export_dir, config, out, force=force, progress=progress)

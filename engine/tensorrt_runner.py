@@ -17,18 +17,19 @@ from typing import Callable
 import torch
 
 from sagrt.engine.profiles import BuildConfig, check_shapes, covering_config, symbolic_dims
-from sagrt.engine.tensorrt_build import rebuild_command, require_tensorrt, this_platform
+from sagrt.engine.tensorrt_build import build_for_model, rebuild_command, require_tensorrt, this_platform
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import manifest_differences, read_manifest
+from sagrt.export.models import PRESETS
 from sagrt.export.specs import NetworkSpec
-from sagrt.runtime.runners import ModelInfo, Runners
+from sagrt.networks import MID_BLOCK_LAYER, NETWORKS
+from sagrt.runners import ModelInfo, Runners
 
 # TensorRT DataType name -> torch dtype: the one dtype table (keyed by name so it is usable without TensorRT)
 TRT_TO_TORCH = {
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
     "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool,
 }
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 
 class EngineError(SagrtError):
@@ -277,8 +278,6 @@ class TensorRTRunners(Runners):
 
 def check_model(manifest: dict, model, engine_dir) -> None:
     """Engines answer for the model they were built from, not for whatever --model names."""
-    from sagrt.export.models import PRESETS
-
     # a model's source is its preset name, or its folder's resolved path (export/models.py)
     built, asked = str(manifest["model_source"]), str(model) if str(model) in PRESETS else str(Path(model).resolve())
     if built != asked:
@@ -290,9 +289,6 @@ def load_runners(model, device=None, sag_layer=None, engine_dir=None, build: Bui
                  cuda_graph: bool | None = None, progress: bool = True) -> "TensorRTRunners":
     """TensorRT runners for `model`. `engine_dir`: a folder from `sagrt build`; otherwise engines for
     `build` (default BuildConfig) are built on first use, as the onnxruntime backend exports on first use."""
-    from sagrt.engine.tensorrt_build import build_for_model
-    from sagrt.export.attention import MID_BLOCK_LAYER
-
     require_tensorrt("--backend tensorrt")
     if engine_dir is None:
         engine_dir = build_for_model(model, build or BuildConfig(), sag_layer=sag_layer or MID_BLOCK_LAYER,

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sagrt.errors import SagrtError
-
-MID_BLOCK_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
+from sagrt.networks import MID_BLOCK_LAYER
 
 
 class SAGLayerError(SagrtError):

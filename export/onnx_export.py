@@ -21,14 +21,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from sagrt import __version__
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
-from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, fused_attention, resolve_layer
+from sagrt.export.attention import capture_sag_score, fused_attention, resolve_layer
 from sagrt.export.models import Components, final_layer_norm, load_model, model_fingerprint, save_scheduler
+from sagrt.networks import DTYPE_NAMES, MID_BLOCK_LAYER, PRECISIONS
+from sagrt.runners import ModelInfo
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+EXPORT_PRECISIONS = ("fp32", "fp16")  # weights and activations of an export; the SAG score stays float32
 EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf cannot hold a graph of 2 GB or more in one file
 DEFAULT_OPSET = 17
 # The UNet again with fused attention (com.microsoft MultiHeadAttention) for ONNX Runtime's CPU and CUDA
@@ -117,7 +120,7 @@ def sample_latent_size(components: Components) -> tuple[int, int]:
 
 
 def network_specs(components: Components, precision: str) -> dict[str, specs.NetworkSpec]:
-    dtype = NUMPY_DTYPES[PRECISIONS[precision]]
+    dtype = DTYPE_NAMES[PRECISIONS[precision]]
     return {
         "text_encoder": specs.text_encoder_spec(components.text_encoder.config.hidden_size, dtype),
         "unet": specs.unet_spec(components.unet.config.cross_attention_dim, dtype),
@@ -263,8 +266,6 @@ def export_folder(fingerprint: str, out_dir=None, precision: str = "fp32", opset
 
 def request_fields(fingerprint: str, opset: int, precision: str, sag_layer: str) -> dict:
     """The manifest keys an existing export must match to be reused."""
-    from sagrt import __version__
-
     return {"kind": "onnx", "sagrt_version": __version__, "model_fingerprint": fingerprint, "opset": opset,
             "precision": precision, "sag_layer": sag_layer}
 
@@ -325,12 +326,8 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
                  progress: bool = True) -> Path:
     """Exports `model` (preset name, diffusers folder or Components) to ONNX and returns the export folder.
     An export whose manifest matches the request is reused; `force` redoes it."""
-    from tqdm.auto import tqdm
-
-    from sagrt.runtime.runners import ModelInfo
-
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(EXPORT_PRECISIONS)}")
     fingerprint = model.fingerprint if isinstance(model, Components) else model_fingerprint(model)
     folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
     wanted = request_fields(fingerprint, opset, precision, sag_layer)

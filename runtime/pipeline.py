@@ -3,7 +3,7 @@
 API follows diffusers' `StableDiffusionSAGPipeline` so a user switches with one import:
 
     from sagrt.runtime import SAGPipeline
-    pipe = SAGPipeline.from_pretrained("tiny", backend="torch")
+    pipe = SAGPipeline.from_pretrained("tiny")  # backend="auto": the fastest usable here
     image = pipe("a photo of a cat", sag_scale=0.75).images[0]
 """
 
@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sagrt.errors import SagrtError
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER, precision_name
+from sagrt.runtime import backends
 from sagrt.runtime import schedulers as sched
 from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
-from sagrt.runtime.runners import ModelInfo, Runners
+from sagrt.runners import ModelInfo, Runners
 
 
 
@@ -85,19 +86,25 @@ class SAGPipeline:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model="tiny", backend: str = "torch", scheduler: str | None = None,
-                        device: str | None = None, torch_dtype: torch.dtype | None = None,
-                        safety_checker: bool = True, sag_layer: str = MID_BLOCK_LAYER, **backend_options):
-        """`model`: a preset (tiny, small, sd15) or a local diffusers folder. `backend`: torch,
-        onnxruntime, tensorrt or auto. `scheduler`: a sagrt scheduler name (default: the model's)."""
-        from sagrt.runtime import backends
-
-        runners, tokenizer, base_scheduler, info, checker = backends.load(
-            model, backend, device=device, dtype=torch_dtype, safety_checker=safety_checker,
-            sag_layer=sag_layer, **backend_options)
+    def from_pretrained(cls, model="tiny", backend: str = "auto", scheduler: str | None = None,
+                        torch_dtype: torch.dtype | None = None, safety_checker: bool = True,
+                        sag_layer: str = MID_BLOCK_LAYER, **backend_options):
+        """`model`: a preset (tiny, small, sd15) or a local diffusers folder. `backend`: auto (the fastest
+        usable here), torch (the reference), onnxruntime, tensorrt; `backend_options` are that backend's
+        (see runtime/backends.py: device, precision, ...). `torch_dtype` is diffusers' name for `precision`.
+        `scheduler`: a sagrt scheduler name (default: the model's)."""
+        if torch_dtype is not None:
+            named = precision_name(torch_dtype)
+            if backend_options.setdefault("precision", named) != named:
+                raise InputError(f"torch_dtype {torch_dtype} and precision {backend_options['precision']!r} "
+                                 "disagree: pass one of them")
+        loaded = backends.load(model, backend, sag_layer=sag_layer, safety_checker=safety_checker,
+                               **backend_options)
+        base_scheduler = loaded.scheduler
         if scheduler is not None:
             base_scheduler = sched.make_scheduler(scheduler, base_scheduler.config)
-        return cls(runners, tokenizer, base_scheduler, info, *checker)
+        return cls(loaded.runners, loaded.tokenizer, base_scheduler, loaded.info, loaded.safety_checker,
+                   loaded.feature_extractor)
 
     def enable_vae_slicing(self):
         """Decode one image at a time: lower peak memory for large batches."""

@@ -1,10 +1,13 @@
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# exports made on first use (backend auto / onnxruntime) go to a folder of this test session, not ~/.cache
+os.environ["SAGRT_CACHE"] = tempfile.mkdtemp(prefix="sagrt-test-cache-")
 # one torch thread: OpenMP barriers spin badly when another process takes a core, and tiny models gain nothing
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from sagrt.export import artifacts, specs
 from sagrt.export.onnx_export import (FUSED_UNET, ExportError, export_model, network_specs, split_geglu,
                                       verify_export)
 from sagrt.export.trt_compat import check_model
-from sagrt.runtime.runners import TorchRunners
+from sagrt.runtime.torch_runners import TorchRunners
 
 BOUND = 1e-5
 NETWORKS = ("unet", "text_encoder", "vae_decoder")

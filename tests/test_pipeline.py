@@ -11,7 +11,8 @@ from sagrt.export.attention import MID_BLOCK_LAYER, SAGLayerError, capture_sag_s
 from sagrt.export.models import ModelError, load_model
 from sagrt.runtime import SAGConfig, SAGPipeline
 from sagrt.runtime.pipeline import InputError
-from sagrt.runtime.runners import ModelInfo, TorchRunners
+from sagrt.runners import ModelInfo
+from sagrt.runtime.torch_runners import TorchRunners
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from sagrt.engine.tensorrt_build import (BuildError, BuildPlan, BuildProgress, c
 from sagrt.engine.tensorrt_runner import (Engine, EngineError, EngineStateError, TRT_TO_TORCH, check_platform,
                                           read_engine_manifest, shape_rebuild_command, torch_dtype)
 from sagrt.export.artifacts import write_manifest
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER
 from sagrt.export.specs import text_encoder_spec, unet_spec, vae_decoder_spec
-from sagrt.runtime.runners import ModelInfo
+from sagrt.runners import ModelInfo
 
 PLATFORM = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.8.0.43"}
 TRT_USABLE = not tensorrt_missing()
@@ -391,11 +391,11 @@ def test_generate_with_tensorrt_backend_fails_before_any_work(capsys, tmp_path):
 
 @needs_no_tensorrt
 def test_auto_backend_falls_back_to_onnxruntime_here():
-    from sagrt.runtime.backends import resolve_auto
+    from sagrt.runtime.backends import resolve_backend
 
     assert tensorrt_missing()
-    assert resolve_auto("auto") == "onnxruntime"
-    assert resolve_auto("torch") == "torch" and resolve_auto("tensorrt") == "tensorrt"
+    assert resolve_backend("auto").name == "onnxruntime"
+    assert resolve_backend("torch").name == "torch" and resolve_backend("tensorrt").name == "tensorrt"
 
 
 # ---- GPU: real engines (need CUDA, TensorRT and the ONNX export) ---------------------------------------------
@@ -421,7 +421,7 @@ def no_tf32():
 @pytest.mark.gpu
 def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
     from sagrt.engine.tensorrt_runner import TensorRTRunners
-    from sagrt.runtime.runners import TorchRunners
+    from sagrt.runtime.torch_runners import TorchRunners
 
     torch_runners = TorchRunners(tiny, device="cuda")
     with TensorRTRunners(tiny_engines) as trt_runners:

@@ -11,7 +11,7 @@ from sagrt.runtime.commands.common import (add_denoise_arguments, add_model_argu
                                            open_pipeline, sag_config, save_image_atomic, writable_dir)
 from sagrt.runtime.grid import image_grid, overlay_mask
 from sagrt.runtime.guidance import sag_mask
-from sagrt.runtime.runners import UNetRecorder
+from sagrt.runners import UNetRecorder
 from sagrt.runtime.schedulers import canonical_name, make_scheduler, scheduler_names
 
 
