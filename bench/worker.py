@@ -17,7 +17,7 @@ from sagrt.errors import SagrtError
 
 READY = "sagrt-bench: ready"
 # between two workers' runs, so that the process that just ran has wound down (its threads stop spinning) before
-# the next one's timed run: without it, tiny onnxruntime runs took 80 ms instead of 73-75 ms
+# the next one's timed run (docs/NOTES.md: runs right after another process's were slower)
 TURN_PAUSE_S = 0.2
 
 

@@ -71,10 +71,10 @@ def session_options(on_gpu: bool, graph_optimization: str = "all", intra_op_thre
     if not on_gpu:
         # ORT's workers spin between the nodes of a run (fast hand-over on graphs of many small nodes) and,
         # by default, for a while after it, which steals the cores from the torch ops between engine calls
-        # (SAG blur, scheduler step: 2.6x slower tiny steps measured); stop the spinning when a run ends.
+        # (SAG blur, scheduler step); stop the spinning when a run ends (docs/NOTES.md has the measurement).
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it,
-        # small 256x256 peak RSS fell from 1.51x to 1.17x the eager baseline and steps got faster.
+        # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it
+        # peak memory is lower and steps are faster (benchmarks/RESULTS.md).
         options.enable_mem_pattern = False
     return options
 

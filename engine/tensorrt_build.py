@@ -201,7 +201,7 @@ class BuildPlan:
         config = config.resolved(info)
         if export["precision"] != config.precision:
             raise BuildError(f"the export in {export_dir} is {export['precision']} but the build asks for "
-                             f"{config.precision}: export with --precision {config.precision}")
+                             f"{config.precision}: make an {config.precision} export (sagrt export --precision {config.precision})")
         onnx = {network: onnx_sha256(export, network) for network in export["networks"]}
         gpu = {k: platform[k] for k in ("gpu", "compute_capability")}
         key = cache_key(config, platform["tensorrt_version"], onnx, gpu)

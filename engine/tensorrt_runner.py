@@ -220,8 +220,8 @@ class TensorRTRunners(Runners):
         self.manifest = manifest = read_engine_manifest(self.engine_dir)
         self.device = torch.device(device)
         if self.device.type != "cuda":
-            raise EngineError(f"the tensorrt backend runs on CUDA devices, not {self.device}: drop --device or "
-                              "pass --device cuda:N")
+            raise EngineError(f"the tensorrt backend runs on CUDA devices, not {self.device}: use device "
+                              "cuda or cuda:N")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         check_platform(manifest, this_platform(trt, self.device.index), self.engine_dir)
@@ -260,7 +260,7 @@ class TensorRTRunners(Runners):
 
     def unet(self, sample, timestep, context, cross_attention_kwargs=None):
         if cross_attention_kwargs:
-            raise EngineError("cross_attention_kwargs cannot reach a built TensorRT engine: use --backend torch")
+            raise EngineError("cross_attention_kwargs cannot reach a built TensorRT engine: use the torch backend")
         timestep = torch.as_tensor(timestep, device=self.device).reshape(1)  # [1] float32 on the device
         out = self.engines["unet"].infer({"sample": sample, "timestep": timestep, "encoder_hidden_states": context},
                                          self.stream)

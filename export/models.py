@@ -198,7 +198,7 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"model folder {path} does not exist (use --model tiny or a diffusers-format folder)")
+        raise ModelError(f"model folder {path} does not exist: name a preset (tiny, small, sd15) or a diffusers-format folder")
     missing = [name for name in REQUIRED_FOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "

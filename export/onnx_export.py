@@ -55,8 +55,7 @@ def _split_geglu_forward(self, hidden_states, *args, **kwargs):
 def split_geglu(unet):
     """Every GEGLU of `unet` projects value and gate with two linears inside the block (restored after it, also
     after an exception). Same values; in the graph, two MatMuls and no Slice pair re-reading the projection's
-    output, and ONNX Runtime fuses the gate's bias into its Gelu: one UNet call on `small` 2% faster, 7.6% while
-    this VM's memory is contended. Applied to both UNet graphs, so they keep sharing one weights file."""
+    output, and ONNX Runtime fuses the gate's bias into its Gelu (faster: benchmarks/RESULTS-unet-cpu.md). Applied to both UNet graphs, so they keep sharing one weights file."""
     from diffusers.models.activations import GEGLU
 
     modules = [module for module in unet.modules() if type(module) is GEGLU]
@@ -114,7 +113,7 @@ class VaeDecoder(torch.nn.Module):
 
 def sample_latent_size(components: Components) -> tuple[int, int]:
     """An odd latent size (not divisible by 2**(levels-1)): traced at a divisible size the UNet freezes
-    forward_upsample_size and the graph fails at other sizes (DESIGN.md pitfalls)."""
+    forward_upsample_size and the graph fails at other sizes (docs/design.md, "Pitfalls")."""
     m = max(2, components.min_latent_side)
     return 2 * m + 1, 3 * m + 1
 

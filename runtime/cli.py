@@ -15,7 +15,7 @@ from sagrt.errors import SagrtError
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
     "export": ("sagrt.runtime.commands.export", "export a model to ONNX with the SAG attention output"),
-    "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the DESIGN.md bounds"),
+    "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the numerical contract (docs/design.md)"),
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),

@@ -12,7 +12,7 @@ the same eps. Each scheduler family writes its latent differently, so each gets 
   `sigmas[step_index]`, as its `step` uses them, for x0, eps and the re-noise alike. Deviation from
   diffusers: its SAG pipeline takes x0 from alphas_cumprod[t] but re-noises with `add_noise`, which reads
   the sigma table; the rounded integer t of a respaced table is not the table's sigma, so even an empty
-  mask changes the degraded input (measured: 5.6e-4 relative at the 2nd of 4 Karras steps). sagrt uses
+  mask changes the degraded input (tests/test_schedulers.py shows by how much). sagrt uses
   one (alpha_t, sigma_t), so an empty mask gives back the undegraded input. On the default schedule the
   table and alphas_cumprod agree to rounding and sagrt keeps diffusers' expressions, to match it exactly.
 - Euler, Euler ancestral, LMS, Heun, KDPM2, KDPM2 ancestral, DPM-SDE, EDM (float timesteps): x = x0 +
@@ -95,7 +95,7 @@ def make_scheduler(name: str, base_config, karras_sigmas: bool | None = None, pr
         if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
             with_karras = [n for n, c in SCHEDULERS.items()
                            if "use_karras_sigmas" in inspect.signature(getattr(diffusers, c).__init__).parameters]
-            raise SchedulerError(f"scheduler {key!r} has no Karras sigmas option: drop --karras-sigmas or use one of "
+            raise SchedulerError(f"scheduler {key!r} has no Karras sigmas option: use one of "
                                  f"{', '.join(with_karras)}")
         overrides["use_karras_sigmas"] = karras_sigmas
     if prediction_type is not None:
@@ -119,7 +119,7 @@ def check_prediction_type(scheduler) -> str:
     if kind in UNSUPPORTED_PREDICTIONS.get(name, ()):
         usable = [p for p in PREDICTION_TYPES if p not in UNSUPPORTED_PREDICTIONS[name]]
         raise SchedulerError(f"{name} does not support prediction_type {kind!r} (it supports "
-                             f"{', '.join(usable)}): choose another --scheduler, e.g. euler or ddim")
+                             f"{', '.join(usable)}): choose another scheduler, e.g. euler or ddim")
     return kind
 
 

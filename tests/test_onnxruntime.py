@@ -17,7 +17,7 @@ from sagrt.runtime.cli import main
 from sagrt.runners import ModelInfo
 from sagrt.runtime.torch_runners import TorchRunners
 
-LOOP_BOUND = 1e-3  # DESIGN.md: final latents after the whole loop, onnxruntime fp32 vs torch fp32
+LOOP_BOUND = 1e-3  # docs/design.md: final latents after the whole loop, onnxruntime fp32 vs torch fp32
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
