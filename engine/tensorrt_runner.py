@@ -276,7 +276,7 @@ class TensorRTRunners(Runners):
         self.device_memory = None
 
 
-def check_model(manifest: dict, model, engine_dir) -> None:
+def check_built_from(manifest: dict, model, engine_dir) -> None:
     """Engines answer for the model they were built from, not for whatever --model names."""
     # a model's source is its preset name, or its folder's resolved path (export/models.py)
     built, asked = str(manifest["model_source"]), str(model) if str(model) in PRESETS else str(Path(model).resolve())
@@ -294,5 +294,5 @@ def load_runners(model, device=None, sag_layer=None, engine_dir=None, build: Bui
         engine_dir = build_for_model(model, build or BuildConfig(), sag_layer=sag_layer or MID_BLOCK_LAYER,
                                      progress=progress)
     runners = TensorRTRunners(engine_dir, device or "cuda", cuda_graph)
-    check_model(runners.manifest, model, engine_dir)
+    check_built_from(runners.manifest, model, engine_dir)
     return runners

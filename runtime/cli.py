@@ -18,7 +18,7 @@ COMMANDS = {
     "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the numerical contract (docs/design.md)"),
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
-    "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
+    "bench": ("sagrt.bench.command", "time sagrt backends against eager diffusers, with parity"),
 }
 
 

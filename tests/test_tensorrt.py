@@ -468,13 +468,13 @@ def test_cuda_graph_replay_matches_plain_execution(tiny, tmp_path):
 
 
 def test_engines_answer_only_for_their_model(tmp_path):
-    from sagrt.engine.tensorrt_runner import check_model
+    from sagrt.engine.tensorrt_runner import check_built_from
 
-    check_model({"model_source": "tiny"}, "tiny", tmp_path)
-    check_model({"model_source": str(tmp_path.resolve())}, str(tmp_path), tmp_path)
+    check_built_from({"model_source": "tiny"}, "tiny", tmp_path)
+    check_built_from({"model_source": str(tmp_path.resolve())}, str(tmp_path), tmp_path)
     with pytest.raises(EngineError, match=r"built for model 'tiny', not 'sd15': build engines for it with: "
                                           r"sagrt build --model sd15 --out NEW_DIR"):
-        check_model({"model_source": "tiny"}, "sd15", tmp_path)
+        check_built_from({"model_source": "tiny"}, "sd15", tmp_path)
 
 
 def load_gpu_check() -> dict:

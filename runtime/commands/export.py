@@ -38,7 +38,7 @@ def run(args) -> int:
     verb = "reused the matching export in" if reuse else f"exported {args.model} to"
     print(f"{verb} {folder}/ ({sizes}) in {time.perf_counter() - start:.1f} s")
     checked = sorted(f"{name}.onnx" for name in manifest["networks"])
-    findings = [f"{name}: {finding}" for name in checked for finding in trt_compat.check_model(folder / name)]
+    findings = [f"{name}: {finding}" for name in checked for finding in trt_compat.tensorrt_findings(folder / name)]
     scope = (f"TensorRT {trt_compat.TENSORRT_TARGET} parser check of {', '.join(checked)} "
              f"({manifest['fused_attention_unet']} is ONNX Runtime's)")
     if findings:
