@@ -1,4 +1,4 @@
-"""ONNX Runtime runners: the three calls of runtime.runners.Runners on the sessions of one export folder.
+"""ONNX Runtime runners: the three calls of sagrt.runners.Runners on the sessions of one export folder.
 
 Execution providers come in the order TensorRT EP, CUDA EP, CPU (those installed), or as named. On CUDA,
 inputs and outputs are bound to torch tensors on the device (I/O binding), so nothing crosses to the host;

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
 HASH_RECORD = ".sha256-record.json"  # see recorded_sha256s
+RACY_NS = 2_000_000_000  # coarsest common file-time granularity (FAT), see recorded_sha256s
 
 
 @contextlib.contextmanager
@@ -57,28 +59,33 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def recorded_sha256s(folder: str | Path, names) -> dict[str, str]:
-    """sha256 of each folder/name, remembered in folder/HASH_RECORD under the file's size, modification time and
-    inode (as git's index does), so a file left untouched since it was last hashed is not read again: loading an
-    SD 1.5 export no longer reads its 3.4 GB of weights. Any write, copy or replacement changes the stat and
-    the file is hashed again. Best effort: in a folder sagrt cannot write, every load hashes."""
+def recorded_sha256s(folder: str | Path, names, record_path: str | Path | None = None) -> dict[str, str]:
+    """sha256 of each folder/name, remembered in `record_path` (default folder/HASH_RECORD) under the file's size,
+    modification time and inode (as git's index does), so a file left untouched since it was last hashed is not
+    read again: loading an SD 1.5 export no longer reads its 3.4 GB of weights. Any write, copy or replacement
+    changes the stat and the file is hashed again, except a write that keeps the size and lands within the
+    file system's timestamp granularity of the last one: so a hash taken less than RACY_NS after the file's
+    modification is not trusted later (git's "racily clean" rule), the next call hashes once more. Best effort:
+    where sagrt cannot write the record, every load hashes."""
     folder = Path(folder)
+    record_path = Path(record_path) if record_path is not None else folder / HASH_RECORD
     try:
-        record = json.loads((folder / HASH_RECORD).read_text())
+        record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         record = {}
     digests, changed = {}, False
     for name in names:
-        info = (folder / name).stat()
+        stat_time, info = time.time_ns(), (folder / name).stat()
         key = [info.st_size, info.st_mtime_ns, info.st_ino]
         entry = record.get(name)
-        if not (isinstance(entry, list) and entry[:3] == key):
-            record[name] = entry = key + [sha256_file(folder / name)]
+        if not (isinstance(entry, list) and len(entry) == 5 and entry[:3] == key
+                and entry[4] - info.st_mtime_ns >= RACY_NS):
+            record[name] = entry = key + [sha256_file(folder / name), stat_time]
             changed = True
         digests[name] = entry[3]
     if changed:
         with contextlib.suppress(OSError):
-            write_bytes_atomic(folder / HASH_RECORD, json.dumps(record, indent=1).encode())
+            write_bytes_atomic(record_path, json.dumps(record, indent=1).encode())
     return digests
 
 

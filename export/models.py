@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sagrt.errors import SagrtError
+from sagrt.export import artifacts
 
 ASSETS = Path(__file__).parent / "assets"
 REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
@@ -154,21 +155,23 @@ def preset_fingerprint(name: str) -> str:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """Hash of a model folder: every config file whole, every weight file by name, size, head and tail."""
+    """Hash of a model folder: every file's relative path and the sha256 of its whole content, so that a change
+    to any weight (a LoRA merged into some layers) gives another fingerprint and another export. Each file is
+    read once: its sha256 is remembered in sagrt's cache under its size, modification time and inode
+    (see artifacts.recorded_sha256s and docs/NOTES.md for the cost)."""
+    path = Path(path)
+    names = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
+    digests = artifacts.recorded_sha256s(path, names, record_path=model_hash_record(path))
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = file.relative_to(path).as_posix()
-        digest.update(rel.encode())
-        if file.suffix in (".json", ".txt"):
-            digest.update(file.read_bytes())
-        else:
-            size = file.stat().st_size
-            digest.update(str(size).encode())
-            with open(file, "rb") as fh:
-                digest.update(fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                digest.update(fh.read(1 << 20))
+    for name in names:
+        digest.update(f"{name}\0{digests[name]}\n".encode())
     return "folder-" + digest.hexdigest()[:16]
+
+
+def model_hash_record(path: Path) -> Path:
+    """Where the sha256s of a model folder's files are remembered: in sagrt's cache, not in the user's folder."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return artifacts.cache_root() / "model-hashes" / f"{key}.json"
 
 
 def save_scheduler(scheduler, path: str | Path) -> None:

@@ -19,9 +19,11 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
 @functools.lru_cache(maxsize=16)
 def gaussian_kernel_2d(kernel_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The (kernel_size, kernel_size) Gaussian diffusers' SAG pipeline blurs with; made once per setting, not
-    every step (on CUDA a fresh one is a host-to-device copy in the middle of the step). Never written to."""
+    every step (on CUDA a fresh one is a host-to-device copy in the middle of the step). Never written to.
+    Computed in float32 as diffusers computes it (same rounding), in float64 for float64 latents."""
     half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size)
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.linspace(-half, half, steps=kernel_size, dtype=exact)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
     kernel_1d = (pdf / pdf.sum()).to(device=device, dtype=dtype)
     return torch.mm(kernel_1d[:, None], kernel_1d[None, :])

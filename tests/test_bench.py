@@ -218,7 +218,8 @@ def row_of(report, backend):
 
 
 def test_onnxruntime_backend_against_the_baseline(tmp_path, monkeypatch, capsys):
-    """The engine backend through the same harness: fp32 ONNX Runtime within DESIGN's 1e-3 on the final latents."""
+    """The engine backend through the same harness: fp32 ONNX Runtime on the final latents within 1e-5 of diffusers
+    on CPU (docs/design.md allows 1e-3 on any machine; the same CPU kernels give ~1e-6)."""
     pytest.importorskip("sagrt.engine.onnxruntime_runner", reason="the onnxruntime backend is not in this build")
     monkeypatch.setenv("SAGRT_CACHE", str(tmp_path / "cache"))  # the worker processes inherit it
     out = tmp_path / "ort.json"
@@ -226,7 +227,7 @@ def test_onnxruntime_backend_against_the_baseline(tmp_path, monkeypatch, capsys)
                  "--cfg-repeats", "0", "--json", str(out)]) == 0
     ours = row_of(json.loads(out.read_text()), "onnxruntime")
     assert ours["unet_calls_per_run"] == {"1": STEPS, "2": STEPS}
-    assert ours["latents_relative_error"] <= 1e-3
+    assert ours["latents_relative_error"] <= 1e-5
     assert ours["sag_overhead"] is None  # --cfg-repeats 0: not measured, not made up
     # the first-use export ran in the prepare process: the measured one holds only the sessions (it held the
     # export's torch modules too, 1.16x the baseline, before the prepare step existed)

@@ -17,7 +17,9 @@ from sagrt.runtime.cli import main
 from sagrt.runners import ModelInfo
 from sagrt.runtime.torch_runners import TorchRunners
 
-LOOP_BOUND = 1e-3  # docs/design.md: final latents after the whole loop, onnxruntime fp32 vs torch fp32
+# final latents after the whole loop, onnxruntime fp32 vs torch fp32 on CPU: docs/design.md's 1e-3 (the parity
+# command's default) is for any machine and provider; here the same CPU kernels agree closely, so a drift shows at 1e-5
+LOOP_BOUND = 1e-5
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -92,6 +94,14 @@ def test_provider_resolution():
         resolve_providers("cuda", ["CPUExecutionProvider"])
 
 
+def test_auto_backend_picks_onnxruntime_without_tensorrt():
+    from sagrt.engine.tensorrt_build import tensorrt_missing
+    from sagrt.runtime.backends import resolve_backend
+
+    expected = "onnxruntime" if tensorrt_missing() else "tensorrt"
+    assert resolve_backend("auto").name == expected and resolve_backend("torch").name == "torch"
+
+
 @pytest.mark.gpu
 def test_cuda_provider_keeps_tensors_on_the_device(tiny, tiny_onnx):
     pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu")
@@ -131,7 +141,7 @@ def test_backend_exports_on_first_use_and_reuses_it(tmp_path, monkeypatch):
     folder = first.runners.export_dir
     assert folder.is_relative_to(tmp_path) and (folder / "unet.onnx").is_file()
     inode = (folder / "unet.onnx").stat().st_ino
-    second = SAGPipeline.from_pretrained("tiny", backend="auto")
+    second = SAGPipeline.from_pretrained("tiny", backend="onnxruntime")
     assert second.runners.name == "onnxruntime" and second.runners.export_dir == folder
     assert (folder / "unet.onnx").stat().st_ino == inode
     # an export an older sagrt left in the cache is redone; one in a folder the user named is refused
@@ -152,10 +162,21 @@ def test_parity_command_prints_each_step_and_passes(tiny_onnx, capsys):
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert code == 0 and len(rows) == 4
     for row in rows:
-        assert float(row[2]) <= 1e-4 and float(row[4]) <= 1e-3  # noise_pred, latents
+        assert float(row[2]) <= 1e-5 and float(row[4]) <= LOOP_BOUND  # noise_pred, latents
         differ, total = map(int, row[5].split("/"))
-        assert total == 2 * 4 * 4 and differ <= total  # 2 images, 4x4 SAG map
-    assert out.strip().endswith(": ok")
+        assert total == 2 * 4 * 4 and differ == 0  # 2 images, 4x4 SAG map: no mask position flipped
+    assert out.strip().endswith("0 mask position(s) differ: ok")
+
+
+def test_parity_counts_flipped_mask_positions():
+    from sagrt.runtime.commands.parity import mask_differences
+
+    score = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5  # CFG: (uncond, cond) x 2 images
+    moved = score.clone()
+    moved[0, 1, 2] = 2.0 - score[0, 1, 2]  # across the threshold 1.0, in the unconditional half
+    moved[3, 0, 0] = 2.0 - score[3, 0, 0]  # in the conditional half, which the loop does not read
+    assert mask_differences(moved, score, 1.0, cfg=True) == (1, 2 * 16)
+    assert mask_differences(moved, score, 1.0, cfg=False) == (2, 4 * 16)
 
 
 def test_parity_command_fails_past_its_bound(tiny_onnx, capsys):
