@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import MANIFEST, read_manifest, write_bytes_atomic, write_manifest
@@ -55,7 +56,8 @@ def tensorrt_missing() -> list[str]:
     else:
         if _version(tensorrt.__version__) < TENSORRT_MIN:
             reasons.append(f"TensorRT {tensorrt.__version__} is older than {'.'.join(map(str, TENSORRT_MIN))}")
-    return reasons + [reason for reason in [cuda_missing()] if reason]
+        reasons.append(cuda_major_mismatch(tensorrt_cuda_major(), torch.version.cuda))
+    return [reason for reason in reasons + [cuda_missing()] if reason]
 
 
 def cuda_missing() -> str | None:

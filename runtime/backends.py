@@ -73,7 +73,12 @@ def load_onnxruntime(model, device=None, dtype=None, safety_checker=True, sag_la
     """ONNX Runtime runners over the model's export (made on first use, reused afterwards); tokenizer,
     scheduler and ModelInfo come from the export folder, a model folder's safety checker runs in torch."""
     from sagrt.engine.onnxruntime_runner import OrtRunners
+    from sagrt.engine.packages import onnxruntime_missing
     from sagrt.export.onnx_export import DEFAULT_OPSET, export_model
+
+    missing = onnxruntime_missing()
+    if missing:  # before the export: an install without ONNX Runtime is told so at once
+        raise BackendError(f"--backend onnxruntime: {missing}")
 
     precision = "fp16" if dtype == torch.float16 else "fp32"
     # exported on first use; a matching export is checked and reused (export_model refuses a foreign one)

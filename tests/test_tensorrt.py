@@ -507,3 +507,60 @@ def test_gpu_check_records_skipped_steps_with_reasons(tmp_path):
     assert steps["parity tensorrt vs torch"]["reason"] == "no torch image (skipped); no tensorrt image (skipped)"
     assert all(s["results"] == {} for s in report["steps"])  # nothing reported that was not measured
     assert report["machine"]["tensorrt"] is None
+
+
+# ---- packages: one ONNX Runtime, TensorRT for torch's CUDA ------------------------------------------------------
+def fake_distribution(site: Path, name: str, version: str, module: str) -> None:
+    """A dist-info as pip writes it, providing top-level `module` (what importlib.metadata reads)."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "RECORD").write_text(f"{module}/__init__.py,,\n{info.name}/METADATA,,\n")
+
+
+def test_pyproject_gpu_install_holds_one_onnxruntime_and_pins_tensorrt_to_cuda12():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    runtimes = lambda reqs: {r.split(">")[0].split("=")[0].split("<")[0] for r in reqs  # noqa: E731
+                             if r.startswith("onnxruntime")}
+    extras = project["optional-dependencies"]
+    assert runtimes(project["dependencies"]) == set()
+    assert runtimes(extras["cpu"]) == {"onnxruntime"} and runtimes(extras["gpu"]) == {"onnxruntime-gpu"}
+    assert runtimes(extras["tensorrt"]) == {"onnxruntime-gpu"} and runtimes(extras["test"]) == set()
+    assert "tensorrt-cu12>=10.1,<11" in extras["tensorrt"]
+    assert not any(r.split(">")[0] == "tensorrt" for r in extras["tensorrt"])  # the bare package follows CUDA 13
+
+
+def test_two_onnxruntimes_installed_are_named_in_one_line():
+    from sagrt.engine.packages import onnxruntime_conflict
+
+    assert onnxruntime_conflict(["onnxruntime"]) is None and onnxruntime_conflict([]) is None
+    message = onnxruntime_conflict(["onnxruntime", "onnxruntime-gpu"])
+    assert "\n" not in message and message.startswith("onnxruntime and onnxruntime-gpu are installed together")
+    assert message.endswith("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+
+
+def test_sagrt_warns_in_one_line_when_both_onnxruntimes_are_installed(tmp_path, monkeypatch, capsys):
+    from sagrt.runtime.cli import main
+
+    fake_distribution(tmp_path, "onnxruntime-gpu", "1.20.0", "onnxruntime")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["build", "--model", "tiny", "--height", "512:256:768"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sagrt: warning: onnxruntime and onnxruntime-gpu are installed together")
+    assert lines[1:] == ["sagrt build: error: --height 512:256:768 must satisfy 1 <= MIN <= OPT <= MAX"]
+
+
+def test_tensorrt_cuda_major_comes_from_the_wheel_name(tmp_path, monkeypatch):
+    from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
+
+    assert tensorrt_cuda_major(["tensorrt-cu12-bindings"]) == 12 and tensorrt_cuda_major(["tensorrt"]) is None
+    fake_distribution(tmp_path, "tensorrt-cu13-bindings", "10.13.0", "tensorrt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert tensorrt_cuda_major() == 13
+    assert cuda_major_mismatch(12, "12.8") is None and cuda_major_mismatch(None, "12.8") is None
+    assert cuda_major_mismatch(12, None) is None
+    message = cuda_major_mismatch(13, "12.8")
+    assert message == ("TensorRT is built for CUDA 13 but torch for CUDA 12.8: install the TensorRT of torch's CUDA: "
+                       "pip uninstall -y tensorrt-cu13 && pip install 'tensorrt-cu12>=10.1,<11'")
