@@ -6,9 +6,11 @@ The CPU tests use an export manifest made from export/specs.py for the tiny mode
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import shlex
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -572,6 +574,67 @@ def test_capture_reports_an_enqueue_that_fails_under_capture():
                              clear_error=lambda: log.append("cleared"))
     assert captured.graph is None and captured.error == "CaptureBroken: the enqueue under capture returned False"
     assert log[-1] == "cleared"
+
+
+# ---- the loop keeps the GPU queue full: timing by events, no host reads of GPU scalars ----------------------------
+def test_stage_clock_gives_the_time_between_marks():
+    from sagrt.runtime.timing import StageClock
+
+    clock = StageClock(torch.device("cpu"))
+    assert clock.durations() == []
+    clock.mark("start")
+    time.sleep(0.01)
+    clock.mark("text")
+    clock.mark("step")
+    (first, text), (second, step) = clock.durations()
+    assert (first, second) == ("text", "step") and text >= 0.01 and 0 <= step < text
+
+
+def test_pipeline_timings_come_from_one_clock(tiny):
+    from sagrt.runtime.pipeline import SAGPipeline
+    from sagrt.runtime.runners import TorchRunners
+
+    pipe = SAGPipeline(TorchRunners(tiny), tiny.tokenizer, tiny.scheduler, ModelInfo.of(tiny))
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    wall, t = time.perf_counter() - start, pipe.timings
+    assert len(t.steps) == 3 and all(s > 0 for s in t.steps) and t.text > 0 and t.decode > 0
+    assert t.text + sum(t.steps) + t.decode <= t.total <= wall
+
+
+def test_schedule_scalars_stay_host_scalars_for_gpu_math(tiny):
+    from sagrt.runtime.schedulers import alphas_cumprod_at, scalar_like
+
+    like = torch.zeros(2, dtype=torch.float16)
+    value = scalar_like(torch.tensor(0.5, dtype=torch.float64), like)
+    assert value.dtype == torch.float16 and value.device.type == "cpu" and value.dim() == 0
+    scheduler = copy.deepcopy(tiny.scheduler)
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[1]
+    assert alphas_cumprod_at(scheduler, t) == scheduler.alphas_cumprod[int(t)]
+    assert alphas_cumprod_at(scheduler, int(t)) == scheduler.alphas_cumprod[int(t)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_sag_math_reads_nothing_back_from_the_gpu(tiny, name):
+    """x0, eps and the degraded input of a step on CUDA with a CUDA timestep: no synchronising call (torch's sync
+    debug mode turns one into an error). The scheduler tables reach the GPU during a first, warm-up call."""
+    from sagrt.runtime import schedulers as sched
+
+    scheduler = sched.make_scheduler(name, tiny.scheduler.config)
+    scheduler.set_timesteps(4, device="cuda")
+    x, eps = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
+    t = scheduler.timesteps[1]
+    scheduler._step_index = 1 if hasattr(scheduler, "_step_index") else None
+    sched.renoise(scheduler, *sched.predict_x0_eps(scheduler, x, eps, t), t)  # warm-up: tables move once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sched.renoise(scheduler, *sched.predict_x0_eps(scheduler, x, eps, t), t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---- builder settings --------------------------------------------------------------------------------------
