@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 TORCH = os.environ.get("SAGRT_TORCH", "torch==2.13.0")
-EXTRAS = {"run": "", "test": "test,serve,ray,openvino"}
+EXTRAS = {"run": "cpu", "test": "cpu,test,serve,ray,openvino"}
 BROWSER = "chromium"  # Debian's package: the page's tests drive it headless
 
 

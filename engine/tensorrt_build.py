@@ -1,9 +1,9 @@
 """ONNX -> TensorRT engines for the GPU at hand, with the TensorRT Python API (no shelling out).
 
-One engine per exported network (unet, text_encoder, vae_decoder), one optimisation profile each
-(engine/profiles.py). Networks are strongly typed: precision comes from the exported graph, whose
-casts keep the SAG score path in float32 also in fp16 exports (weak typing is deprecated since
-TensorRT 10.12 and removed in 11). Engines and the timing cache are written atomically; the
+One engine per exported network (unet, text_encoder, vae_decoder); the UNet has two optimisation
+profiles (tuned for batch 2B and B), the others one (engine/profiles.py). Networks are strongly typed:
+precision comes from the exported graph, whose casts keep normalisations and the SAG score path in
+float32 also in fp16 exports (weak typing is deprecated since TensorRT 10.12 and removed in 11). Engines and the timing cache are written atomically; the
 manifest is written last, so a folder with a manifest is a finished build.
 """
 
@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sagrt import __version__
+from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import MANIFEST, artifact_dir, read_manifest, write_bytes_atomic, write_manifest
@@ -58,7 +59,8 @@ def tensorrt_missing() -> list[str]:
     else:
         if _version(tensorrt.__version__) < TENSORRT_MIN:
             reasons.append(f"TensorRT {tensorrt.__version__} is older than {'.'.join(map(str, TENSORRT_MIN))}")
-    return reasons + [reason for reason in [cuda_missing()] if reason]
+        reasons.append(cuda_major_mismatch(tensorrt_cuda_major(), torch.version.cuda))
+    return [reason for reason in reasons + [cuda_missing()] if reason]
 
 
 def cuda_missing() -> str | None:
@@ -188,7 +190,7 @@ class BuildPlan:
     config: BuildConfig  # resolved against the model
     platform: dict
     key: str
-    profiles: dict[str, dict]
+    profiles: dict[str, list[dict]]  # network -> its optimisation profiles, in engine order
 
     @classmethod
     def make(cls, export_dir: str | Path, config: BuildConfig, platform: dict) -> "BuildPlan":
@@ -228,13 +230,42 @@ class BuildPlan:
             "model_info": export["model_info"], "sag_layer": export["sag_layer"],
             "export_dir": str(self.export_dir.resolve()),
             "onnx": {n: {"file": f"{n}.onnx", "sha256": onnx_sha256(export, n)} for n in export["networks"]},
-            "engines": {n: {**engine_files[n], **export["networks"][n], "profile": self.profiles[n]}
+            "engines": {n: {**engine_files[n], **export["networks"][n], "profiles": self.profiles[n]}
                         for n in export["networks"]},
         }
 
 
-def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict, config: BuildConfig,
-                 timing_cache: Path, progress: bool) -> str:
+def load_timing_cache(trt, build_config, path: Path, own: bool):
+    """The builder's timing cache, read from `path` when it exists. A cache another GPU or TensorRT wrote is
+    refused when the user named it (it is theirs to keep), and started afresh when it is sagrt's own file in
+    the engine folder (it belonged to the engines being rebuilt)."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = build_config.create_timing_cache(data)
+    if cache is not None and build_config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if not own:
+        raise BuildError(f"timing cache {path} was written by another GPU or TensorRT version (or is damaged), "
+                         f"and sagrt will not overwrite it: pass another --timing-cache FILE, or delete it")
+    cache = build_config.create_timing_cache(b"")
+    build_config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def configure(trt, build_config, config: BuildConfig) -> None:
+    """Builder settings from the BuildConfig."""
+    build_config.builder_optimization_level = config.optimization_level
+    if config.precision == "fp32":
+        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
+    if config.workspace_gib:
+        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
+    resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)  # TensorRT >= 10.10
+    if resize is not None:
+        # scratch memory sized for the shapes of a call (update_device_memory_size_for_shapes), not the profile max
+        build_config.set_preview_feature(resize, True)
+
+
+def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profiles: list[dict], config: BuildConfig,
+                 timing_cache: Path, progress: bool, own_timing_cache: bool = True) -> str:
     """Parses one ONNX file into a strongly typed network, writes its engine atomically; returns its sha256."""
     network_name = onnx_path.stem
     builder = trt.Builder(logger)
@@ -247,19 +278,13 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
                                        for i in range(network.num_outputs)})
 
     build_config = builder.create_builder_config()
-    build_config.builder_optimization_level = config.optimization_level
-    if config.precision == "fp32":
-        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
-    if config.workspace_gib:
-        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
-    optimization_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.items():
-        optimization_profile.set_shape(name, low, opt, high)
-    build_config.add_optimization_profile(optimization_profile)
-    cache = build_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    if cache is None or not build_config.set_timing_cache(cache, ignore_mismatch=False):
-        # a cache from another GPU or TensorRT: start from an empty one rather than use foreign tactics
-        build_config.set_timing_cache(build_config.create_timing_cache(b""), ignore_mismatch=False)
+    configure(trt, build_config, config)
+    for profile in profiles:  # in order: the runner selects them by index (engine/profiles.py pick_profile)
+        optimization_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.items():
+            optimization_profile.set_shape(name, low, opt, high)
+        build_config.add_optimization_profile(optimization_profile)
+    load_timing_cache(trt, build_config, timing_cache, own_timing_cache)
     display = BuildProgress(f"build {network_name}", enabled=progress)
     monitor = progress_monitor(trt, display)
     build_config.progress_monitor = monitor
@@ -300,10 +325,10 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
     timing_cache = Path(plan.config.timing_cache) if plan.config.timing_cache else engine_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     engine_files = {}
-    for network, profile in plan.profiles.items():
+    for network, profiles in plan.profiles.items():
         path, start = engine_dir / plan.engine_file(network), time.perf_counter()
-        digest = build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config,
-                              timing_cache, progress)
+        digest = build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profiles, plan.config,
+                              timing_cache, progress, own_timing_cache=not plan.config.timing_cache)
         seconds, size = time.perf_counter() - start, path.stat().st_size
         engine_files[network] = {"file": path.name, "sha256": digest, "bytes": size, "build_seconds": round(seconds, 1)}
         if progress:

@@ -9,7 +9,6 @@ register a `Backend` in REGISTRY.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +16,7 @@ from typing import Callable
 import torch
 from transformers import CLIPTokenizer
 
+from sagrt.engine.packages import onnxruntime_missing
 from sagrt.errors import SagrtError
 from sagrt.export.attention import resolve_layer
 from sagrt.export.models import PRESETS, load_model, load_safety_checker, load_scheduler
@@ -107,7 +107,10 @@ def load_torch(model, options: TorchOptions, sag_layer: str, safety_checker: boo
 
 def load_onnxruntime(model, options: OnnxRuntimeOptions, sag_layer: str, safety_checker: bool) -> LoadedModel:
     """Runners over the model's export (made on first use, reused afterwards; a foreign one is refused)."""
-    from sagrt.engine.onnxruntime_runner import OrtRunners
+    missing = onnxruntime_missing()
+    if missing:  # before the export: an install without ONNX Runtime is told so at once
+        raise BackendError(f"backend onnxruntime: {missing}")
+    from sagrt.engine.onnxruntime_runner import OrtRunners  # imports onnxruntime
     from sagrt.export.onnx_export import DEFAULT_OPSET, export_model
 
     folder = export_model(model, options.export_dir, opset=options.opset or DEFAULT_OPSET,
@@ -149,10 +152,6 @@ def saved_parts(folder, model, safety_checker: bool, runners: Runners) -> Loaded
 
 
 # ---- what runs here --------------------------------------------------------------------------------
-def onnxruntime_missing() -> str | None:
-    return None if importlib.util.find_spec("onnxruntime") is not None else "onnxruntime is not installed"
-
-
 def tensorrt_missing() -> str | None:
     from sagrt.engine.tensorrt_build import tensorrt_missing as reasons
 

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sagrt.engine.packages import onnxruntime_conflict  # two ONNX Runtimes break the GPU providers
+
+    conflict = onnxruntime_conflict()
+    if conflict:
+        print(f"sagrt: warning: {conflict}", file=sys.stderr)
     try:
         return importlib.import_module(args.module).run(args) or 0
     except (SagrtError, FileNotFoundError, PermissionError, NotADirectoryError) as err:

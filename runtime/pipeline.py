@@ -23,6 +23,7 @@ from sagrt.runtime import backends
 from sagrt.runtime import schedulers as sched
 from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
 from sagrt.runners import ModelInfo, Runners
+from sagrt.runtime.timing import StageClock
 
 
 
@@ -69,6 +70,13 @@ class Timings:
     decode: float = 0.0
     total: float = 0.0
 
+    @classmethod
+    def of(cls, durations: list[tuple[str, float]], total: float) -> "Timings":
+        """From StageClock durations (text, setup, step..., decode) and the run's wall time."""
+        seconds = dict(durations)
+        return cls(text=seconds["text"], steps=[s for label, s in durations if label == "step"],
+                   decode=seconds["decode"], total=total)
+
 
 class SAGPipeline:
     """Stable Diffusion with Self-Attention Guidance over any `Runners` backend."""
@@ -81,6 +89,7 @@ class SAGPipeline:
         self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
         self.image_processor = VaeImageProcessor(vae_scale_factor=info.vae_scale_factor)
         self.vae_slicing = False
+        self.sync_every_step = False  # True: a host sync per step, as before issue 15 (to measure its cost)
         self.progress_bar_config: dict = {}
         self.timings = Timings()
 
@@ -187,10 +196,6 @@ class SAGPipeline:
             kwargs["generator"] = generator
         return kwargs
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # ---- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
@@ -206,7 +211,8 @@ class SAGPipeline:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         start = time.perf_counter()
-        self.timings = timings = Timings()
+        clock = StageClock(self.device, self.sync_every_step)  # no host sync per step: one at the end
+        clock.mark("start")
         do_cfg = guidance_scale > 1.0
         do_sag = sag_scale > 0.0
 
@@ -216,8 +222,7 @@ class SAGPipeline:
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # the degraded pass sees the unconditional embeddings (eq. 25), or the prompt's without CFG
         degraded_context = negative_embeds if do_cfg else prompt_embeds
-        self._sync()
-        timings.text = time.perf_counter() - start
+        clock.mark("text")
 
         # 2. timesteps and initial noise
         scheduler = self.scheduler
@@ -244,8 +249,8 @@ class SAGPipeline:
 
         # 3. denoising with SAG
         bar = tqdm(total=num_inference_steps, **{"desc": "denoise", **self.progress_bar_config})
+        clock.mark("setup")
         for i, t in enumerate(timesteps):
-            step_start = time.perf_counter()
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
             eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
             if do_cfg:
@@ -261,8 +266,7 @@ class SAGPipeline:
                 eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
                 eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
             latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
-            self._sync()
-            timings.steps.append(time.perf_counter() - step_start)
+            clock.mark("step")
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                 bar.update()
                 if callback is not None and i % callback_steps == 0:
@@ -270,7 +274,6 @@ class SAGPipeline:
         bar.close()
 
         # 4. decode, safety check, postprocess
-        decode_start = time.perf_counter()
         if output_type == "latent":
             images, nsfw = latents, None
         else:
@@ -283,9 +286,8 @@ class SAGPipeline:
             denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
             images = self.image_processor.postprocess(image.float(), output_type=output_type,
                                                       do_denormalize=denormalize)
-        self._sync()
-        timings.decode = time.perf_counter() - decode_start
-        timings.total = time.perf_counter() - start
+        clock.mark("decode")
+        self.timings = Timings.of(clock.durations(), time.perf_counter() - start)
         if not return_dict:
             return images, nsfw
         return SAGOutput(images=images, nsfw_content_detected=nsfw)
