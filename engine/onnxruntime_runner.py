@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from sagrt.errors import SagrtError
-from sagrt.export import specs
-from sagrt.export.onnx_export import PRECISIONS, verify_export
+from sagrt.export import artifacts, specs
+from sagrt.export.onnx_export import PRECISIONS, ExportError, verify_export
 from sagrt.runtime.runners import ModelInfo, Runners
 
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -105,22 +105,40 @@ class OrtRunners(Runners):
 
         self.export_dir = Path(export_dir)
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
-        self.info = ModelInfo(**self.manifest["model_info"])
-        self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
-                      for name in NETWORKS}
-        self.map_downsamplings = self.manifest["sag_map_downsamplings"]
+        try:
+            self.info = ModelInfo(**self.manifest["model_info"])
+            self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
+                          for name in NETWORKS}
+            self.map_downsamplings = int(self.manifest["sag_map_downsamplings"])
+            self.dtype = PRECISIONS[self.manifest["precision"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ExportError(f"the manifest in {self.export_dir} is malformed ({type(err).__name__}: {err}): "
+                              f"export it again with --force") from None
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if on_gpu else torch.device("cpu")
-        self.dtype = PRECISIONS[self.manifest["precision"]]
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = session_options(on_gpu, graph_optimization, intra_op_threads)
         self.files = {name: spec.filename for name, spec in self.specs.items()}
         self.files["unet"] = unet_graph(self.manifest, self.providers, fused_attention)
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
-        self.sessions = {name: ort.InferenceSession(str(self.export_dir / filename), options, providers=provider_list)
+        self.sessions = {name: self.open_session(filename, options, provider_list)
                          for name, filename in self.files.items()}
+
+    def open_session(self, filename: str, options, provider_list):
+        """An InferenceSession over one graph of the export (a file its manifest lists, checked to be inside)."""
+        import onnxruntime as ort
+
+        if filename not in self.manifest["files"]:
+            raise ExportError(f"{filename} is not a file of the export in {self.export_dir}: export it again")
+        path = artifacts.member(self.export_dir, filename)
+        try:
+            return ort.InferenceSession(str(path), options, providers=provider_list)
+        except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph...) share no base class
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"ONNX Runtime cannot load {filename} from {self.export_dir} ({reason}): export it "
+                              f"again with --force") from None
 
     def provider_options(self, provider: str, device_id: int) -> dict:
         if provider == "TensorrtExecutionProvider":

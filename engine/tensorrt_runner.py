@@ -19,7 +19,7 @@ import torch
 from sagrt.engine.profiles import BuildConfig, check_shapes, covering_config, symbolic_dims
 from sagrt.engine.tensorrt_build import rebuild_command, require_tensorrt, this_platform
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import manifest_differences, read_manifest
+from sagrt.export.artifacts import manifest_differences, member, read_manifest
 from sagrt.export.specs import NetworkSpec
 from sagrt.runtime.runners import ModelInfo, Runners
 
@@ -233,7 +233,7 @@ class TensorRTRunners(Runners):
         with torch.cuda.device(self.device):
             for network in NETWORKS:
                 entry = manifest["engines"][network]
-                engine = Engine(network, self.engine_dir / entry["file"], entry["profile"],
+                engine = Engine(network, member(self.engine_dir, entry["file"]), entry["profile"],
                                 lambda shapes, n=network: shape_rebuild_command(manifest, self.engine_dir, n, shapes),
                                 cuda_graph=cuda_graph)
                 if not engine.path.is_file() or engine.path.stat().st_size != entry["bytes"]:

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from sagrt.errors import SagrtError
+from sagrt.runtime.interrupts import terminate_as_interrupt
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return importlib.import_module(args.module).run(args) or 0
-    except (SagrtError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        with terminate_as_interrupt():
+            return importlib.import_module(args.module).run(args) or 0
+    except (SagrtError, OSError) as err:  # OSError: a full disk, a read-only or missing folder...
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"sagrt {args.command}: error: {message}", file=sys.stderr)
         return 2

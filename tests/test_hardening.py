@@ -1,0 +1,253 @@
+"""Issue 11's probes as regression tests: no data loss, no file read or written outside the export folder,
+every bad input one line on stderr with exit status 2, safe concurrent calls, bounds, non-finite values,
+leftovers, full verification. Every CLI probe runs inside a sentinel tree that is hashed before and after."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sagrt.export import artifacts
+from sagrt.export.onnx_export import ExportError, export_model, verify_export
+from sagrt.runtime.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def tree_state(root: Path, skip=()) -> dict[str, str]:
+    """relative path -> sha256 (files), link target (symlinks) or 'dir', for everything under `root` except the
+    paths under `skip`."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        if any(path == s or s in path.parents for s in skip):
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            state[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            state[rel] = "dir"
+        else:
+            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def make_sentinel(root: Path) -> Path:
+    """A small tree of files a user cares about: every probe must leave it exactly as it was."""
+    (root / "keep" / "tokenizer").mkdir(parents=True)
+    (root / "keep" / "notes.txt").write_text("keep me\n")
+    (root / "keep" / "tokenizer" / "vocab.json").write_text("{}\n")
+    (root / "keep" / "weights.onnx.data").write_bytes(b"\0" * 64)
+    (root / "secret.txt").write_text("not for sagrt\n")
+    return root
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"sagrt {command}: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A working folder with a sentinel tree, the cache inside it, and the process's cwd there."""
+    work = make_sentinel(tmp_path / "work")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("SAGRT_CACHE", str(tmp_path / "cache"))
+    return work
+
+
+# ---- 1. no data loss -----------------------------------------------------------------------------
+def foreign_folder(root: Path) -> Path:
+    folder = root / "D"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "notes.txt").write_text("keep\n")
+    (folder / "other.onnx.data").write_text("keep\n")
+    return folder
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_export_refuses_a_folder_sagrt_did_not_make(workspace, capsys, force):
+    folder = foreign_folder(workspace)
+    before = tree_state(workspace)
+    assert main(["export", "--model", "tiny", "--out", str(folder), *force]) == 2
+    assert "holds files sagrt did not write" in one_line_error(capsys, "export")
+    assert tree_state(workspace) == before
+
+
+def test_generate_refuses_a_foreign_export_dir(workspace, capsys):
+    folder = foreign_folder(workspace)
+    before = tree_state(workspace)
+    assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+                 "--out", str(workspace / "images")]) == 2
+    assert "sagrt did not write" in one_line_error(capsys, "generate")
+    assert tree_state(workspace) == before
+
+
+def test_forced_export_replaces_only_what_its_manifest_lists(tiny, tiny_onnx, tmp_path):
+    folder = tmp_path / "export"
+    export_model(tiny, folder, external_data=True, progress=False)
+    (folder / "notes.txt").write_text("mine\n")
+    (folder / "tokenizer" / "notes.txt").write_text("mine\n")
+    (folder / "mine.onnx.data").write_text("mine\n")
+    assert (folder / "text_encoder.onnx.data").exists()
+    export_model(tiny, folder, force=True, external_data=False, progress=False)
+    assert not (folder / "text_encoder.onnx.data").exists()  # sagrt's own, no longer part of the export
+    for name in ("notes.txt", "tokenizer/notes.txt", "mine.onnx.data"):
+        assert (folder / name).read_text() == "mine\n"
+    verify_export(folder)
+
+
+def test_a_replacement_that_died_can_be_redone(tiny, tiny_onnx, tmp_path):
+    """Killed between removing the old manifest and writing the new one, the folder keeps sagrt's claim."""
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    artifacts.write_claim(folder, "onnx", artifacts.read_manifest(folder)["files"])
+    (folder / artifacts.MANIFEST).unlink()
+    export_model(tiny, folder, progress=False)
+    verify_export(folder)
+    assert not (folder / artifacts.CLAIM).exists()
+
+
+def test_export_to_an_existing_file_is_one_line(workspace, capsys):
+    before = tree_state(workspace)
+    assert main(["export", "--out", str(workspace / "secret.txt")]) == 2
+    assert "is an existing file" in one_line_error(capsys, "export")
+    assert tree_state(workspace) == before
+
+
+# ---- 2. paths from a manifest ----------------------------------------------------------------------
+def tampered(tiny_onnx, tmp_path, change) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    manifest = artifacts.read_manifest(folder)
+    change(folder, manifest)
+    (folder / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def listing(name, target: Path):
+    """A manifest change that lists `name` with the right size and sha256 of `target`."""
+    def change(folder, manifest):
+        manifest["files"][name] = {"sha256": artifacts.sha256_file(target), "bytes": target.stat().st_size}
+    return change
+
+
+def fused_elsewhere(outside: Path):
+    def change(folder, manifest):
+        shutil.copy(folder / "unet_fused.onnx", outside)
+        manifest["fused_attention_unet"] = os.path.relpath(outside, folder)
+    return change
+
+
+def symlinked_graph(outside: Path):
+    def change(folder, manifest):
+        shutil.move(folder / "vae_decoder.onnx", outside)
+        (folder / "vae_decoder.onnx").symlink_to(outside)
+    return change
+
+
+def unlisted_fused(folder, manifest):
+    shutil.copy(folder / "unet_fused.onnx", folder / "other.onnx")
+    manifest["fused_attention_unet"] = "other.onnx"
+
+
+@pytest.mark.parametrize("probe", ["dotdot", "absolute", "fused outside", "symlink out", "fused unlisted"])
+def test_manifest_paths_stay_inside_the_folder(tiny_onnx, tmp_path, capsys, probe):
+    outside = make_sentinel(tmp_path / "outside")
+    secret = outside / "secret.txt"
+    change = {"dotdot": listing("../outside/secret.txt", secret),
+              "absolute": listing(str(secret), secret),
+              "fused outside": fused_elsewhere(outside / "evil.onnx"),
+              "symlink out": symlinked_graph(outside / "vae.onnx"),
+              "fused unlisted": unlisted_fused}[probe]
+    folder = tampered(tiny_onnx, tmp_path, change)
+    before = tree_state(outside)
+    with pytest.raises(ExportError, match="outside the folder|not a plain relative|without its sha256"):
+        verify_export(folder)
+    assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+                 "--out", str(tmp_path / "images")]) == 2
+    one_line_error(capsys, "generate")
+    assert tree_state(outside) == before
+
+
+def test_graph_reading_unlisted_weights_is_refused(tiny, tmp_path):
+    """A graph whose external data points at a file the manifest does not list (here outside the folder)."""
+    import onnx
+
+    folder = export_model(tiny, tmp_path / "export", progress=False)
+    graph = onnx.load(str(folder / "unet.onnx"), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../stolen.data"
+    onnx.save(graph, str(folder / "unet.onnx"))
+    manifest = artifacts.read_manifest(folder)
+    manifest["files"]["unet.onnx"] = {"sha256": artifacts.sha256_file(folder / "unet.onnx"),
+                                      "bytes": (folder / "unet.onnx").stat().st_size}
+    artifacts.write_manifest(folder, manifest)
+    with pytest.raises(ExportError, match="reads weights from '../stolen.data'"):
+        verify_export(folder, full=True)
+
+
+# ---- 7. leftovers --------------------------------------------------------------------------------
+def test_stale_staging_is_removed_and_live_staging_kept(tiny, tiny_onnx, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    dead = folder / ".export-dead"
+    dead.mkdir()
+    (dead / artifacts.STAGING_LOCK).touch()  # its writer is gone: nobody holds the lock
+    (dead / "unet.onnx").write_bytes(b"x" * 1000)
+    with artifacts.staging_dir(folder, ".export-") as live:
+        removed = artifacts.remove_stale_staging(folder, ".export-")
+        assert removed == [dead] and live.is_dir() and not dead.exists()
+    assert not live.exists()
+
+
+def test_staging_of_a_killed_process_is_removed_by_the_next_export(tiny, tiny_onnx, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    code = ("import sys, time; from sagrt.export import artifacts\n"
+            "with artifacts.staging_dir(sys.argv[1], '.export-') as s:\n"
+            "    (s / 'unet.onnx').write_bytes(b'x' * 1000); print(s, flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    staging = Path(child.stdout.readline().strip())
+    assert staging.is_dir()
+    assert artifacts.remove_stale_staging(folder, ".export-") == []  # alive: kept
+    child.kill()  # kill -9: no cleanup runs
+    child.wait()
+    assert staging.is_dir()
+    export_model(tiny, folder, force=True, progress=False)
+    assert not staging.exists()
+
+
+def test_failed_export_leaves_no_empty_folder(tiny, tmp_path):
+    target = tmp_path / "new" / "deeper"
+    with pytest.raises(Exception, match="SAG layer"):
+        export_model(tiny, target, sag_layer="down_blocks.9.attentions.0.transformer_blocks.0.attn1", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_during_export_cleans_up(tmp_path):
+    target = tmp_path / "sig" / "export"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "sagrt.runtime.cli", "export", "--out", str(target)],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(target.glob(".export-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(target.glob(".export-*")), "the export never started staging"
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 130
+    assert "interrupted" in child.stderr.read()
+    assert not (tmp_path / "sig").exists()
