@@ -92,6 +92,7 @@ class OrtRunners(Runners):
     """Runners over the ONNX Runtime sessions of an export folder (see export.onnx_export)."""
 
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads; each call binds its own I/O
 
     def __init__(self, export_dir: str | Path, providers=None, *, device_id: int = 0, io_binding: bool | None = None,
                  wanted: dict | None = None, model: str | None = None, graph_optimization: str = "all",

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sagrt.errors import SagrtError
 from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.locks import exclusive, object_lock
 from sagrt.runtime import schedulers as sched
 from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
 from sagrt.runtime.runners import ModelInfo, Runners
@@ -27,6 +28,10 @@ from sagrt.runtime.runners import ModelInfo, Runners
 
 class InputError(SagrtError):
     """A generation argument out of range."""
+
+
+class PipelineBusyError(SagrtError):
+    """A call on a pipeline that is already running one."""
 
 
 @dataclass
@@ -115,8 +120,9 @@ class SAGPipeline:
 
     # ---- prompts ------------------------------------------------------------------------------
     def _tokenize(self, text):
-        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt")
+        with object_lock(self.tokenizer):  # a fast tokenizer's padding state is not thread-safe
+            return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
 
     def _encode(self, text, clip_skip=None):
         tokens = self._tokenize(text)
@@ -185,12 +191,22 @@ class SAGPipeline:
             torch.cuda.synchronize(self.device)
 
     # ---- the loop -----------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Runs one generation (arguments as diffusers' StableDiffusionSAGPipeline, plus `sag`: a SAGConfig).
+        One call at a time: a second call while one runs (another thread, or a callback) raises PipelineBusyError,
+        as does a call on a scheduler or (non thread-safe) runners that another pipeline is using."""
+        shared = [self, self.scheduler] + ([] if self.runners.thread_safe else [self.runners])
+        with exclusive(shared, lambda: PipelineBusyError(
+                "this pipeline (or its scheduler or runners) is already running a call: one call at a time; give "
+                "each thread its own pipeline (SAGPipeline.from_pretrained) or serialize the calls")):
+            return self._call(*args, **kwargs)
+
     @torch.no_grad()
-    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
-                 sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
-                 latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                 return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
-                 sag: SAGConfig | None = None):
+    def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
+              sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+              latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+              return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
+              sag: SAGConfig | None = None):
         sag = sag or SAGConfig()
         height = height or self.info.sample_size * self.info.vae_scale_factor
         width = width or self.info.sample_size * self.info.vae_scale_factor

@@ -59,6 +59,7 @@ class Runners:
     name = "base"
     device = torch.device("cpu")
     dtype = torch.float32
+    thread_safe = False  # True: two threads may run the three calls at once (see SAGPipeline.__call__)
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -117,6 +118,7 @@ class TorchRunners(Runners):
     """Eager diffusers modules: the numerical reference every other backend is checked against."""
 
     name = "torch"
+    thread_safe = True  # the SAG capture holds the UNet's lock; the modules keep no other state
 
     def __init__(self, components: Components, sag_layer: str = MID_BLOCK_LAYER,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

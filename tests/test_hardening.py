@@ -251,3 +251,95 @@ def test_sigterm_during_export_cleans_up(tmp_path):
     assert child.wait(timeout=60) == 130
     assert "interrupted" in child.stderr.read()
     assert not (tmp_path / "sig").exists()
+
+
+# ---- 3. concurrent calls ---------------------------------------------------------------------------
+def tiny_pipeline(runners, tiny, scheduler="ddim"):
+    from sagrt.runtime import SAGPipeline
+    from sagrt.runtime.runners import ModelInfo
+    from sagrt.runtime.schedulers import make_scheduler
+
+    pipe = SAGPipeline(runners, tiny.tokenizer, make_scheduler(scheduler, tiny.scheduler.config), ModelInfo.of(tiny))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents_of(pipe, steps, seed=0, **kwargs):
+    return pipe("a cat", height=64, width=64, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_second_call_on_a_busy_pipeline_is_refused_and_the_first_is_right(tiny):
+    from sagrt.runtime.pipeline import PipelineBusyError
+    from sagrt.runtime.runners import TorchRunners
+
+    pipe = tiny_pipeline(TorchRunners(tiny), tiny)
+    reference = latents_of(pipe, 2)
+    started, release, result = threading.Event(), threading.Event(), {}
+
+    def hold(step, t, latents):
+        started.set()
+        release.wait(30)
+
+    worker = threading.Thread(target=lambda: result.setdefault("x", latents_of(pipe, 2, callback=hold)))
+    worker.start()
+    assert started.wait(30)
+    with pytest.raises(PipelineBusyError, match="already running a call"):
+        latents_of(pipe, 2)
+    with pytest.raises(PipelineBusyError):  # a second pipeline on the same scheduler object is refused too
+        other = tiny_pipeline(TorchRunners(tiny), tiny)
+        other.scheduler = pipe.scheduler
+        latents_of(other, 2)
+    release.set()
+    worker.join(60)
+    assert torch.equal(result["x"], reference)
+    assert torch.equal(latents_of(pipe, 2), reference)  # free again
+
+
+def test_a_callback_calling_the_pipeline_again_is_refused(tiny):
+    from sagrt.runtime.pipeline import PipelineBusyError
+    from sagrt.runtime.runners import TorchRunners
+
+    pipe = tiny_pipeline(TorchRunners(tiny), tiny)
+    with pytest.raises(PipelineBusyError):
+        latents_of(pipe, 1, callback=lambda *a: latents_of(pipe, 1))
+
+
+def run_threads(jobs):
+    results, errors = {}, []
+
+    def run(key, job):
+        try:
+            results[key] = job()
+        except Exception as err:  # noqa: BLE001 - the test reports every failure
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    return results
+
+
+def test_pipelines_sharing_torch_modules_run_concurrently_and_right(tiny):
+    """Four pipelines over the same UNet (the SAG capture swaps its processor per call), different step counts."""
+    from sagrt.runtime.runners import TorchRunners
+
+    pipes = {steps: tiny_pipeline(TorchRunners(tiny), tiny) for steps in (1, 2, 3, 4)}
+    reference = {steps: latents_of(pipe, steps, seed=steps) for steps, pipe in pipes.items()}
+    results = run_threads({steps: (lambda p=pipe, s=steps: latents_of(p, s, seed=s)) for steps, pipe in pipes.items()})
+    for steps in pipes:
+        assert torch.equal(results[steps], reference[steps]), steps
+
+
+def test_pipelines_sharing_onnxruntime_runners_run_concurrently_and_right(tiny, tiny_onnx):
+    from sagrt.engine.onnxruntime_runner import OrtRunners
+
+    runners = OrtRunners(tiny_onnx, ["cpu"])
+    pipes = {name: tiny_pipeline(runners, tiny, name) for name in ("dpm++2m", "euler-a", "ddim")}
+    reference = {name: latents_of(pipe, 3) for name, pipe in pipes.items()}
+    results = run_threads({name: (lambda p=pipe: latents_of(p, 3)) for name, pipe in pipes.items()})
+    for name in pipes:
+        assert torch.equal(results[name], reference[name]), name
