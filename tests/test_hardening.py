@@ -343,3 +343,100 @@ def test_pipelines_sharing_onnxruntime_runners_run_concurrently_and_right(tiny, 
     results = run_threads({name: (lambda p=pipe: latents_of(p, 3)) for name, pipe in pipes.items()})
     for name in pipes:
         assert torch.equal(results[name], reference[name]), name
+
+
+# ---- 4, 5, 6. every bad argument of the API is one InputError line, before any work -----------------
+NAN, INF = float("nan"), float("inf")
+API_PROBES = {
+    "prompt []": (dict(prompt=[]), "non-empty list of strings"),
+    "prompt of ints": (dict(prompt=[1, 2]), "list holding int"),
+    "prompt int": (dict(prompt=3), "prompt must be a string"),
+    "guidance str": (dict(guidance_scale="7"), "guidance_scale must be a number, got str"),
+    "guidance None": (dict(guidance_scale=None), "guidance_scale must be a number"),
+    "guidance nan": (dict(guidance_scale=NAN), "guidance_scale must be a finite number"),
+    "guidance -inf": (dict(guidance_scale=-INF), "guidance_scale must be a finite number"),
+    "sag nan": (dict(sag_scale=NAN), "sag_scale must be a finite number"),
+    "sag inf": (dict(sag_scale=INF), "sag_scale must be a finite number"),
+    "eta nan": (dict(eta=NAN), "eta must be a finite number"),
+    "images 0": (dict(num_images_per_prompt=0), "num_images_per_prompt must be >= 1"),
+    "images -1": (dict(num_images_per_prompt=-1), "num_images_per_prompt must be >= 1"),
+    "images 1.5": (dict(num_images_per_prompt=1.5), "num_images_per_prompt must be an integer"),
+    "embeds width": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 16)), r"shape \[batch, 77, 32\]"),
+    "embeds length": (dict(prompt=None, prompt_embeds=torch.zeros(1, 10, 32)), r"shape \[batch, 77, 32\]"),
+    "embeds rank": (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)), r"shape \[batch, 77, 32\]"),
+    "embeds numpy": (dict(prompt=None, prompt_embeds=[[0.0]]), "must be a torch.Tensor"),
+    "latents numpy": (dict(latents=__import__("numpy").zeros((1, 4, 8, 8))), "latents must be a torch.Tensor"),
+    "latents nan": (dict(latents=torch.full((1, 4, 8, 8), NAN)), "latents must be finite"),
+    "generator int": (dict(generator=3), "generator must be a torch.Generator"),
+    "generators too few": (dict(num_images_per_prompt=2, generator=[torch.Generator()]), "list of 1 generators"),
+    "clip_skip big": (dict(clip_skip=3), "clip_skip must be <= 2"),
+    "clip_skip -1": (dict(clip_skip=-1), "clip_skip must be >= 0"),
+    "height 0": (dict(height=0), "height must be a positive multiple of 8, got 0"),
+    "width 0": (dict(width=0), "width must be a positive multiple of 8"),
+    "height str": (dict(height="64"), "height must be an integer, got str '64'"),
+    "height bool": (dict(height=True), "height must be an integer"),
+    "height huge": (dict(height=100000), r"100000x64 pixels x 1 image\(s\) needs at least .* GiB"),
+    "attention huge": (dict(height=131072, width=64), "needs at least .* GiB for the SAG layer's attention maps"),
+    "steps huge": (dict(num_inference_steps=1_000_000_000), "num_inference_steps must be <= 1000"),
+    "steps float": (dict(num_inference_steps=2.0), "num_inference_steps must be an integer"),
+    "kernel huge": (dict(sag=dict(blur_kernel=100001)), "blur kernel size 100001 is wider than a 8x8 latent"),
+    "kernel float": (dict(sag=dict(blur_kernel=9.0)), "blur kernel size must be an integer"),
+    "sigma inf": (dict(sag=dict(blur_sigma=INF)), "blur sigma must be a finite number"),
+    "threshold nan": (dict(sag=dict(threshold=NAN)), "threshold must be a number"),
+    "window nan": (dict(sag=dict(window=(NAN, 1.0))), "window must be a finite number"),
+    "output_type": (dict(output_type="jpg"), "output_type must be"),
+    "callback": (dict(callback=3), "callback must be callable"),
+    "negative count": (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 entries"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny):
+    from sagrt.runtime.runners import TorchRunners
+
+    return tiny_pipeline(TorchRunners(tiny), tiny)
+
+
+@pytest.mark.parametrize("probe", list(API_PROBES))
+def test_bad_api_argument_is_one_input_error(tiny_pipe, probe):
+    from sagrt.runtime import SAGConfig
+    from sagrt.runtime.pipeline import InputError
+
+    kwargs, message = API_PROBES[probe]
+    kwargs = dict(prompt="a cat", height=64, width=64, num_inference_steps=1, output_type="latent") | kwargs
+    with pytest.raises(InputError, match=message) as raised:
+        if isinstance(kwargs.get("sag"), dict):
+            kwargs["sag"] = SAGConfig(**kwargs["sag"])
+        tiny_pipe(**kwargs)
+    assert "\n" not in str(raised.value)
+
+
+def test_threshold_infinity_stays_meaningful(tiny_pipe):
+    from sagrt.runtime import SAGConfig
+
+    assert latents_of(tiny_pipe, 1, sag=SAGConfig(threshold=INF)).isfinite().all()
+
+
+def test_overflowing_guidance_stops_with_the_step_named(tiny_pipe):
+    from sagrt.runtime.pipeline import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"step 1 of 2: the guidance .* produced NaN or Inf"):
+        latents_of(tiny_pipe, 2, guidance_scale=1e300)  # finite, past float32
+
+
+def test_a_unet_making_nan_stops_with_the_network_named(tiny):
+    """A backend whose UNet breaks at the second step (as an fp16 overflow does): an error, never a black image."""
+    from sagrt.runtime.pipeline import NonFiniteError
+    from sagrt.runtime.runners import RunnersProxy, TorchRunners
+
+    class BreaksAtSecondStep(RunnersProxy):
+        calls = 0
+
+        def unet(self, sample, timestep, context, cross_attention_kwargs=None):
+            eps, score = super().unet(sample, timestep, context, cross_attention_kwargs)
+            self.calls += 1
+            return (eps * NAN if self.calls == 3 else eps), score  # call 3: the cond/uncond pass of step 2
+
+    pipe = tiny_pipeline(BreaksAtSecondStep(TorchRunners(tiny)), tiny)
+    with pytest.raises(NonFiniteError, match=r"step 2 of 3: the UNet's noise prediction produced NaN"):
+        latents_of(pipe, 3)
