@@ -425,6 +425,9 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         }
         artifacts.write_manifest(folder, manifest)
         (folder / artifacts.CLAIM).unlink(missing_ok=True)
+    except OSError as err:  # a full disk, a read-only folder...
+        remove_created(created)
+        raise ExportError(f"cannot write the export in {folder}: {err.strerror or err}") from None
     except BaseException:
         remove_created(created)
         raise

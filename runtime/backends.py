@@ -10,6 +10,7 @@ import torch
 from sagrt.errors import SagrtError
 from sagrt.export.attention import MID_BLOCK_LAYER, resolve_layer
 from sagrt.export.models import load_model
+from sagrt.runtime.checks import torch_device
 from sagrt.runtime.runners import ModelInfo, TorchRunners
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
@@ -43,6 +44,7 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
     """Returns (runners, tokenizer, scheduler, ModelInfo, (safety_checker, feature_extractor))."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    device = None if device is None else torch_device(device)  # a device that exists here, or one line
     backend = resolve_auto(backend)
     if backend == "onnxruntime":
         unknown = sorted(set(options) - set(ONNXRUNTIME_OPTIONS))

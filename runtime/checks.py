@@ -137,3 +137,33 @@ def check_memory(info, device, images: int, height: int, width: int, do_cfg: boo
 def blur_kernel_limit(latent_height: int, latent_width: int) -> int:
     """The widest SAG blur that still means something on this latent: one that spans it from any position."""
     return max(9, 2 * max(latent_height, latent_width) + 1)
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def seeded_generator(seed, device="cpu") -> torch.Generator:
+    """A torch.Generator seeded with `seed` (an integer in SEED_RANGE)."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not low <= seed <= high:
+        raise InputError(f"seed must be an integer from {low} to {high}, got {seed!r}")
+    return torch.Generator(device).manual_seed(int(seed))
+
+
+def torch_device(device) -> torch.device:
+    """`device` (a name such as cpu, cuda, cuda:1) as a torch.device that exists here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {device!r} asks for CUDA, which is not available here: use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(f"device {device!r} does not exist: this machine has CUDA devices 0 to {count - 1}")
+    elif parsed.type != "cpu":
+        available = getattr(getattr(torch.backends, parsed.type, None), "is_available", lambda: False)()
+        if not available:
+            raise InputError(f"device {device!r} is not available here: use cpu or cuda")
+    return parsed

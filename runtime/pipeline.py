@@ -10,6 +10,7 @@ API follows diffusers' `StableDiffusionSAGPipeline` so a user switches with one 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from sagrt.runtime.checks import InputError
 from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
 from sagrt.runtime.runners import ModelInfo, Runners
 
+logger = logging.getLogger("sagrt")
 
 
 class PipelineBusyError(SagrtError):
@@ -132,7 +134,20 @@ class SAGPipeline:
             return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt")
 
+    def _warn_truncated(self, text) -> None:
+        """Warns, as diffusers does, when a prompt is longer than the text encoder takes: the rest is ignored."""
+        limit = self.tokenizer.model_max_length
+        with object_lock(self.tokenizer):
+            texts = [text] if isinstance(text, str) else list(text)
+            ids = self.tokenizer(texts, truncation=False, verbose=False).input_ids
+        for one in ids:
+            if len(one) > limit:
+                dropped = self.tokenizer.decode(one[limit - 1:-1])
+                logger.warning(f"sagrt: a prompt is {len(one)} tokens, the text encoder takes {limit}: this part is "
+                               f"ignored: {dropped!r}")
+
     def _encode(self, text, clip_skip=None):
+        self._warn_truncated(text)
         tokens = self._tokenize(text)
         kwargs = {}
         if self.info.text_uses_attention_mask:

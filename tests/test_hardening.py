@@ -440,3 +440,135 @@ def test_a_unet_making_nan_stops_with_the_network_named(tiny):
     pipe = tiny_pipeline(BreaksAtSecondStep(TorchRunners(tiny)), tiny)
     with pytest.raises(NonFiniteError, match=r"step 2 of 3: the UNet's noise prediction produced NaN"):
         latents_of(pipe, 3)
+
+
+# ---- 6. the CLI: every bad input one line, exit status 2 -------------------------------------------
+CLI_PROBES = {
+    "seed past 2**64": (["generate", "--seed", "18446744073709551616"], "seed must be an integer from"),
+    "device bogus": (["generate", "--device", "bogus"], "unknown device 'bogus'"),
+    "device cuda": (["generate", "--device", "cuda"], "CUDA, which is not available"),
+    "opset 0": (["export", "--opset", "0"], "opset 0 is outside"),
+    "opset 99": (["export", "--opset", "99"], "opset 99 is outside"),
+    "guidance inf": (["generate", "--guidance-scale", "inf"], "guidance_scale must be a finite number"),
+    "guidance nan": (["generate", "--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+    "sag -inf": (["generate", "--sag-scale=-inf"], "sag_scale must be a finite number"),
+    "blur kernel huge": (["generate", "--sag-blur-kernel", "100001"], "blur kernel size 100001 is wider"),
+    "blur sigma nan": (["generate", "--sag-blur-sigma", "nan"], "blur sigma must be a finite number"),
+    "steps huge": (["generate", "--steps", "1000000000", "--scheduler", "euler"], "must be <= 1000"),
+    "height huge": (["generate", "--height", "100000"], "needs at least"),
+    "height 0": (["generate", "--height", "0"], "height must be a positive multiple of 8"),
+    "unwritable out": (["generate", "--out", "/sys/sagrt-probe"], "cannot write to /sys/sagrt-probe"),
+    "export unwritable": (["export", "--out", "/sys/sagrt-probe"], "cannot make export folder"),
+}
+
+
+@pytest.mark.parametrize("probe", list(CLI_PROBES))
+def test_bad_cli_input_is_one_line(workspace, capsys, probe):
+    argv, message = CLI_PROBES[probe]
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    before = tree_state(workspace)
+    assert main([*argv[:1], "--steps", "1", *argv[1:]] if argv[0] == "generate" and "--steps" not in argv
+                else argv) == 2
+    assert message in one_line_error(capsys, argv[0])
+    assert tree_state(workspace) == before  # no sagrt-out/ left behind, nothing else touched
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(tmp_path):
+    """Writes past a file-size limit fail as on a full disk (EFBIG instead of ENOSPC)."""
+    code = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+            "from sagrt.runtime.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    target = tmp_path / "new" / "export"
+    done = subprocess.run([sys.executable, "-c", code, "export", "--out", str(target)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"sagrt export: error: cannot write the export in {target}: File too large"], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "new").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny, tmp_path_factory):
+    """The tiny model as a diffusers folder."""
+    import warnings
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("tiny-folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                                scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def broken_weights(folder):
+    for weights in (folder / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle at all")
+
+
+def foreign_scheduler(folder):
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, message", [(broken_weights, "cannot load model folder"),
+                                             (foreign_scheduler, "'UNet2DConditionModel', which is not a diffusers "
+                                                                 "scheduler")])
+def test_damaged_model_folder_is_one_line(tiny_folder, workspace, capsys, damage, message):
+    folder = workspace / "model"
+    shutil.copytree(tiny_folder, folder)
+    damage(folder)
+    before = tree_state(workspace)
+    assert main(["generate", "--model", str(folder), "--steps", "1"]) == 2
+    assert message in one_line_error(capsys, "generate")
+    assert tree_state(workspace) == before
+
+
+def test_graph_reading_weights_outside_is_one_line_in_the_cli(tiny, tmp_path, capsys):
+    import onnx
+
+    folder = export_model(tiny, tmp_path / "export", progress=False)
+    graph = onnx.load(str(folder / "unet_fused.onnx"), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "/etc/hostname"
+    onnx.save(graph, str(folder / "unet_fused.onnx"))
+    manifest = artifacts.read_manifest(folder)
+    manifest["files"]["unet_fused.onnx"] = {"sha256": artifacts.sha256_file(folder / "unet_fused.onnx"),
+                                            "bytes": (folder / "unet_fused.onnx").stat().st_size}
+    artifacts.write_manifest(folder, manifest)
+    for full in ("full", "fast"):  # once per boot the graphs are read; after that ONNX Runtime's refusal is one line
+        assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+                     "--out", str(tmp_path / "images")]) == 2
+        assert "unet_fused.onnx" in one_line_error(capsys, "generate")
+        verify_export(folder, full=False)  # records a full verification as done, so the second round is fast
+        record = json.loads((folder / artifacts.HASH_RECORD).read_text())
+        record["verified_boot"] = artifacts.boot_id()
+        (folder / artifacts.HASH_RECORD).write_text(json.dumps(record))
+
+
+# ---- 9. smaller ones ---------------------------------------------------------------------------------
+def test_summary_counts_steps_not_unet_iterations(workspace, capsys):
+    assert main(["generate", "--steps", "2", "--scheduler", "heun", "--sag-scale", "0"]) == 0
+    assert ", 2 steps (3 UNet iterations), 64x64" in capsys.readouterr().out
+
+
+def test_long_prompt_is_warned_about(workspace, caplog):
+    assert main(["generate", " ".join(["cat"] * 100), "--steps", "1"]) == 0
+    assert "a prompt is 102 tokens, the text encoder takes 77: this part is ignored: 'cat cat" in caplog.text
+
+
+def test_existing_images_are_never_overwritten(workspace, capsys):
+    assert main(["generate", "--steps", "1"]) == 0
+    first = (workspace / "sagrt-out" / "sagrt-0-0.png").read_bytes()
+    capsys.readouterr()
+    assert main(["generate", "--steps", "1", "--guidance-scale", "3"]) == 0
+    assert "sagrt-0-0-2.png: numbered past existing files" in capsys.readouterr().out
+    assert (workspace / "sagrt-out" / "sagrt-0-0.png").read_bytes() == first
+    assert (workspace / "sagrt-out" / "sagrt-0-0-2.png").read_bytes() != first
