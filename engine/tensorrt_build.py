@@ -291,7 +291,10 @@ def copy_folder_atomic(source: Path, target: Path) -> None:
 def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str | Path | None = None, *,
                   force: bool = False, progress: bool = True) -> Path:
     """Builds (or reuses) the engines of one export for this GPU; returns their folder."""
+    from sagrt.export.onnx_export import verify_export
+
     trt = require_tensorrt("building TensorRT engines")
+    verify_export(export_dir, full=True)  # every byte, whatever the stat record says: engines outlive the export
     plan = BuildPlan.make(export_dir, config, this_platform(trt))
     engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(plan.export["model_fingerprint"], plan.key)
     engine_dir.mkdir(parents=True, exist_ok=True)

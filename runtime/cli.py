@@ -20,6 +20,7 @@ COMMANDS = {
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
+    "verify": ("sagrt.runtime.commands.verify", "read every file of an export or engine folder against its manifest"),
 }
 
 

@@ -572,3 +572,59 @@ def test_existing_images_are_never_overwritten(workspace, capsys):
     assert "sagrt-0-0-2.png: numbered past existing files" in capsys.readouterr().out
     assert (workspace / "sagrt-out" / "sagrt-0-0.png").read_bytes() == first
     assert (workspace / "sagrt-out" / "sagrt-0-0-2.png").read_bytes() != first
+
+
+# ---- 8. silent corruption: full verification -------------------------------------------------------
+def flip_in_place(path: Path) -> None:
+    """Changes one byte without changing the file's size, inode or mtime (bit rot, or a careful forger)."""
+    info = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(info.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(info.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_verify_reads_every_byte(tiny_onnx, tmp_path, capsys):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    assert main(["verify", str(folder)]) == 0
+    assert "every sha256 matches the manifest" in capsys.readouterr().out
+    flip_in_place(folder / "unet.onnx.data")
+    verify_export(folder)  # the stat record of this boot still vouches for it: the fast path misses it
+    assert main(["verify", str(folder)]) == 2
+    err = one_line_error(capsys, "verify")
+    assert "unet.onnx.data" in err and "is corrupted" in err
+
+
+def test_a_new_boot_verifies_in_full(tiny_onnx, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_onnx, folder)
+    verify_export(folder)
+    flip_in_place(folder / "vae_decoder.onnx")
+    record = json.loads((folder / artifacts.HASH_RECORD).read_text())
+    assert record["verified_boot"] == artifacts.boot_id()
+    record["verified_boot"] = "an-earlier-boot"
+    (folder / artifacts.HASH_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ExportError, match="vae_decoder.onnx .* is corrupted"):
+        verify_export(folder)
+
+
+def test_verify_engine_folder_and_refusals(tmp_path, capsys):
+    """An engine folder is checked the same way (its engines are hashed; no TensorRT needed to read them)."""
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    (folder / "unet.plan").write_bytes(b"engine bytes" * 100)
+    entry = {"file": "unet.plan", "sha256": artifacts.sha256_file(folder / "unet.plan"), "bytes": 1200}
+    artifacts.write_manifest(folder, {"kind": "tensorrt", "engines": {"unet": entry}})
+    assert main(["verify", str(folder)]) == 0
+    assert "TensorRT engines, 1 file(s)" in capsys.readouterr().out
+    flip_in_place(folder / "unet.plan")
+    assert main(["verify", str(folder)]) == 2
+    assert "unet.plan" in one_line_error(capsys, "verify")
+    artifacts.write_manifest(folder, {"kind": "tensorrt", "engines": {"unet": {**entry, "file": "../x.plan"}}})
+    assert main(["verify", str(folder)]) == 2
+    assert "not a plain relative file name" in one_line_error(capsys, "verify")
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "holds no sagrt manifest" in one_line_error(capsys, "verify")
