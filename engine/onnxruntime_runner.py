@@ -14,8 +14,8 @@ import torch
 
 from sagrt import __version__
 from sagrt.errors import SagrtError
-from sagrt.export import specs
-from sagrt.export.onnx_export import verify_export
+from sagrt.export import artifacts, specs
+from sagrt.export.onnx_export import ExportError, verify_export
 from sagrt.networks import DTYPE_NAMES, NETWORKS, PRECISIONS, TORCH_DTYPES
 from sagrt.runners import ModelInfo, Runners
 
@@ -91,6 +91,7 @@ class OrtRunners(Runners):
     """Runners over the ONNX Runtime sessions of an export folder (see export.onnx_export)."""
 
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads; each call binds its own I/O
 
     def __init__(self, export_dir: str | Path, providers=None, *, device_id: int = 0, io_binding: bool | None = None,
                  wanted: dict | None = None, model: str | None = None, graph_optimization: str = "all",
@@ -98,26 +99,42 @@ class OrtRunners(Runners):
         """`wanted`: manifest values the export must have; `model`: named in the redo command of errors.
         `fused_attention`: on the CPU and CUDA providers run the export's UNet graph with fused attention
         (com.microsoft MultiHeadAttention); the TensorRT provider always runs the portable unet.onnx."""
-        import onnxruntime as ort
-
         self.export_dir = Path(export_dir)
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
-        self.info = ModelInfo(**self.manifest["model_info"])
-        self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
-                      for name in NETWORKS}
-        self.map_downsamplings = self.manifest["sag_map_downsamplings"]
+        try:
+            self.info = ModelInfo(**self.manifest["model_info"])
+            self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
+                          for name in NETWORKS}
+            self.map_downsamplings = int(self.manifest["sag_map_downsamplings"])
+            self.dtype = PRECISIONS[self.manifest["precision"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ExportError(f"the manifest in {self.export_dir} is malformed ({type(err).__name__}: {err}): "
+                              f"export it again with --force") from None
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if on_gpu else torch.device("cpu")
-        self.dtype = PRECISIONS[self.manifest["precision"]]
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = session_options(on_gpu, graph_optimization, intra_op_threads)
         self.files = {name: spec.filename for name, spec in self.specs.items()}
         self.files["unet"] = unet_graph(self.manifest, self.providers, fused_attention)
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
-        self.sessions = {name: ort.InferenceSession(str(self.export_dir / filename), options, providers=provider_list)
+        self.sessions = {name: self.open_session(filename, options, provider_list)
                          for name, filename in self.files.items()}
+
+    def open_session(self, filename: str, options, provider_list):
+        """An InferenceSession over one graph of the export (a file its manifest lists, checked to be inside)."""
+        import onnxruntime as ort
+
+        if filename not in self.manifest["files"]:
+            raise ExportError(f"{filename} is not a file of the export in {self.export_dir}: export it again")
+        path = artifacts.member(self.export_dir, filename)
+        try:
+            return ort.InferenceSession(str(path), options, providers=provider_list)
+        except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph...) share no base class
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"ONNX Runtime cannot load {filename} from {self.export_dir} ({reason}): export it "
+                              f"again with --force") from None
 
     def provider_options(self, provider: str, device_id: int) -> dict:
         if provider == "TensorrtExecutionProvider":

@@ -26,6 +26,7 @@ from sagrt import __version__
 from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
+from sagrt.export import artifacts
 from sagrt.export.artifacts import MANIFEST, artifact_dir, read_manifest, write_bytes_atomic, write_manifest
 from sagrt.export.onnx_export import export_model
 from sagrt.networks import MID_BLOCK_LAYER
@@ -217,7 +218,8 @@ class BuildPlan:
         manifest = read_manifest(engine_dir)
         if not manifest or manifest.get("cache_key") != self.key:
             return False
-        return all((engine_dir / e["file"]).is_file() and (engine_dir / e["file"]).stat().st_size == e["bytes"]
+        return all(artifacts.member(engine_dir, e["file"]).is_file()
+                   and artifacts.member(engine_dir, e["file"]).stat().st_size == e["bytes"]
                    for e in manifest["engines"].values())
 
     def manifest(self, engine_files: dict[str, dict]) -> dict:
@@ -313,7 +315,10 @@ def copy_folder_atomic(source: Path, target: Path) -> None:
 def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str | Path | None = None, *,
                   force: bool = False, progress: bool = True) -> Path:
     """Builds (or reuses) the engines of one export for this GPU; returns their folder."""
+    from sagrt.export.onnx_export import verify_export
+
     trt = require_tensorrt("building TensorRT engines")
+    verify_export(export_dir, full=True)  # every byte, whatever the stat record says: engines outlive the export
     plan = BuildPlan.make(export_dir, config, this_platform(trt))
     engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(plan.export["model_fingerprint"], plan.key)
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -321,6 +326,7 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
         if progress:
             print(f"TensorRT engines up to date in {engine_dir}")
         return engine_dir
+    claim_engine_dir(engine_dir)
     (engine_dir / MANIFEST).unlink(missing_ok=True)  # a half-rebuilt folder must not look finished
     timing_cache = Path(plan.config.timing_cache) if plan.config.timing_cache else engine_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
@@ -336,7 +342,20 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
     for folder in COPIED_FOLDERS:
         copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
     write_manifest(engine_dir, plan.manifest(engine_files))
+    (engine_dir / artifacts.CLAIM).unlink(missing_ok=True)
     return engine_dir
+
+
+def claim_engine_dir(engine_dir: Path) -> None:
+    """Refuses a folder that holds files but neither a TensorRT manifest of sagrt nor its claim (a folder sagrt
+    did not make never loses a file to a build), then claims it for the build."""
+    manifest = read_manifest(engine_dir)
+    ours = (isinstance(manifest, dict) and manifest.get("kind") == "tensorrt") or (engine_dir / artifacts.CLAIM).exists()
+    foreign = [] if ours else artifacts.foreign_entries(engine_dir, f".{engine_dir.name}.")
+    if foreign:
+        raise BuildError(f"{engine_dir} holds files sagrt did not write, e.g. {foreign[0]!r}: build into a new or "
+                         f"empty folder (sagrt never removes files it did not write)")
+    artifacts.write_claim(engine_dir, "tensorrt", [])
 
 
 def build_for_model(model, config: BuildConfig, out: str | Path | None = None, *, sag_layer: str = MID_BLOCK_LAYER,

@@ -22,7 +22,7 @@ from sagrt.engine.cuda_graphs import capture_graph
 from sagrt.engine.profiles import BuildConfig, check_shapes, covering_config, pick_profile, symbolic_dims
 from sagrt.engine.tensorrt_build import build_for_model, rebuild_command, require_tensorrt, this_platform
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import manifest_differences, read_manifest
+from sagrt.export.artifacts import manifest_differences, member, read_manifest
 from sagrt.export.models import PRESETS
 from sagrt.export.specs import NetworkSpec
 from sagrt.networks import MID_BLOCK_LAYER, NETWORKS
@@ -322,7 +322,7 @@ class TensorRTRunners(Runners):
         with torch.cuda.device(self.device):
             for network in NETWORKS:
                 entry = manifest["engines"][network]
-                engine = Engine(network, self.engine_dir / entry["file"], entry["profiles"],
+                engine = Engine(network, member(self.engine_dir, entry["file"]), entry["profiles"],
                                 lambda shapes, n=network: shape_rebuild_command(manifest, self.engine_dir, n, shapes),
                                 cuda_graph=cuda_graph, max_shapes=max_shapes)
                 if not engine.path.is_file() or engine.path.stat().st_size != entry["bytes"]:

@@ -22,6 +22,7 @@ from sagrt.export.attention import resolve_layer
 from sagrt.export.models import PRESETS, load_model, load_safety_checker, load_scheduler
 from sagrt.networks import MID_BLOCK_LAYER, PRECISIONS
 from sagrt.runners import ModelInfo, Runners
+from sagrt.runtime.checks import torch_device
 from sagrt.runtime.torch_runners import TorchRunners
 
 
@@ -182,6 +183,8 @@ def load(model, backend: str = "auto", sag_layer: str = MID_BLOCK_LAYER, safety_
     """Loads `model` (preset or diffusers folder) on `backend` with that backend's `options`."""
     entry = resolve_backend(backend)
     given = {key: value for key, value in options.items() if value is not None}
+    if "device" in given:
+        given["device"] = str(torch_device(given["device"]))  # a device that exists here, or one line
     loaded = entry.load(model, entry.make_options(given), sag_layer, safety_checker)
     if loaded.info.sag_layer != sag_layer:
         raise BackendError(f"the {entry.name} artifacts read SAG layer {loaded.info.sag_layer!r}, not "

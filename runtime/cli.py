@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from sagrt.errors import SagrtError
+from sagrt.runtime.interrupts import terminate_as_interrupt
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -19,6 +20,7 @@ COMMANDS = {
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.bench.command", "time sagrt backends against eager diffusers, with parity"),
+    "verify": ("sagrt.runtime.commands.verify", "read every file of an export or engine folder against its manifest"),
 }
 
 
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if conflict:
         print(f"sagrt: warning: {conflict}", file=sys.stderr)
     try:
-        return importlib.import_module(args.module).run(args) or 0
-    except (SagrtError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        with terminate_as_interrupt():
+            return importlib.import_module(args.module).run(args) or 0
+    except (SagrtError, OSError) as err:  # OSError: a full disk, a read-only or missing folder...
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"sagrt {args.command}: error: {message}", file=sys.stderr)
         return 2

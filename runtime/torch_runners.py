@@ -14,6 +14,7 @@ class TorchRunners(Runners):
     """Eager diffusers modules: the numerical reference every other backend is checked against."""
 
     name = "torch"
+    thread_safe = True  # the SAG capture holds the UNet's lock; the modules keep no other state
 
     def __init__(self, components: Components, sag_layer: str = MID_BLOCK_LAYER,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -33,6 +33,8 @@ class ModelInfo:
     sag_layer: str
     fingerprint: str
     source: str
+    sag_heads: int = 8  # attention heads of the SAG layer (SD 1.x's); an older manifest lacks the two below
+    vae_channels: int = 128  # width of the VAE decoder's full-resolution block (SD's)
 
     @classmethod
     def of(cls, components, sag_layer: str = MID_BLOCK_LAYER) -> "ModelInfo":
@@ -50,6 +52,8 @@ class ModelInfo:
             sag_layer=sag_layer,
             fingerprint=components.fingerprint,
             source=components.source,
+            sag_heads=int(getattr(components.unet.get_submodule(sag_layer), "heads", 8)),
+            vae_channels=int(components.vae.config.block_out_channels[0]),
         )
 
     def to_dict(self) -> dict:
@@ -62,6 +66,7 @@ class Runners:
     name = "base"
     device = torch.device("cpu")
     dtype = torch.float32
+    thread_safe = False  # True: two threads may run the three calls at once (see SAGPipeline.__call__)
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         raise NotImplementedError

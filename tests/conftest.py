@@ -50,3 +50,12 @@ def tiny_onnx(tmp_path_factory, tiny):
     from sagrt.export.onnx_export import export_model
 
     return export_model(tiny, tmp_path_factory.mktemp("tiny-onnx"), progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_in_the_cache():
+    """The session cache holds tiny's export before any test runs, as a second `sagrt generate` finds it: tests of
+    the CLI's output (one line on stderr) then see no export progress bars from backend auto's first use."""
+    from sagrt.export.onnx_export import export_model
+
+    return export_model("tiny", progress=False)

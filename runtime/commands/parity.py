@@ -12,6 +12,7 @@ from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKEND_NAMES, resolve_backend
 from sagrt.runtime.commands.common import (OPTION_FLAGS, add_model_arguments, add_sampling_arguments, backend_options,
                                            load_pipeline, sag_config)
+from sagrt.runtime.checks import seeded_generator
 from sagrt.runtime.metrics import relative_error
 from sagrt.runners import UNetRecorder
 
@@ -43,7 +44,7 @@ def record_run(pipe, args, sag) -> list[Step]:
     pipe.set_progress_bar_config(disable=True)
     pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
          guidance_scale=args.guidance_scale, sag_scale=args.sag_scale, negative_prompt=args.negative_prompt,
-         num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+         num_images_per_prompt=args.num_images, generator=seeded_generator(args.seed),
          output_type="latent", callback=on_step, sag=sag)
     return steps
 
