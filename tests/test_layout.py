@@ -17,7 +17,7 @@ LAYERS = {
     "runtime": {"export", "engine", "runtime"},
     "bench": {"export", "engine", "runtime", "bench"},
 }
-CORE_MODULES = {"sagrt", "sagrt.errors", "sagrt.networks", "sagrt.runners"}
+CORE_MODULES = {"sagrt"} | {f"sagrt.{path.stem}" for path in (ROOT / "sagrt").glob("*.py")}
 
 
 def sagrt_imports(path: Path) -> set[str]:
