@@ -628,7 +628,8 @@ def test_sag_math_reads_nothing_back_from_the_gpu(tiny, name):
     scheduler.set_timesteps(4, device="cuda")
     x, eps = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
     t = scheduler.timesteps[1]
-    scheduler._step_index = 1 if hasattr(scheduler, "_step_index") else None
+    if hasattr(scheduler, "_step_index"):  # sigma schedulers read their sigma by step index
+        scheduler._step_index = 1
     sched.renoise(scheduler, *sched.predict_x0_eps(scheduler, x, eps, t), t)  # warm-up: tables move once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -949,19 +950,35 @@ def test_psnr_of_gpu_check():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the real check")
-def test_gpu_check_records_skipped_steps_with_reasons(tmp_path):
+def test_gpu_check_records_skipped_steps_with_reasons(tmp_path, capsys):
     import json
 
     report_path = tmp_path / "check.json"
     assert load_gpu_check()["main"](["--presets", "tiny", "--json", str(report_path),
-                                  "--work-dir", str(tmp_path / "work")]) == 0
+                                     "--work-dir", str(tmp_path / "work")]) == 0
     report = json.loads(report_path.read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert [s["status"] for s in report["steps"]] == ["skipped"] * 4
-    assert "TensorRT is not installed" in steps["export + build fp16 engines"]["reason"]
-    assert steps["parity tensorrt vs torch"]["reason"] == "no torch image (skipped); no tensorrt image (skipped)"
-    assert all(s["results"] == {} for s in report["steps"])  # nothing reported that was not measured
-    assert report["machine"]["tensorrt"] is None
+    packages = steps.pop("packages")  # runs everywhere: the versions a GPU run needs to be read by
+    assert packages["status"] == "ran" and packages["results"]["onnxruntime_distributions"] == ["onnxruntime"]
+    assert packages["results"]["one_onnxruntime"] is True and packages["results"]["versions"]["torch"]
+    assert all(s["status"] == "skipped" and s["results"] == {} for s in steps.values())  # nothing made up
+    assert steps["pytest -m gpu"]["reason"] == "no CUDA GPU is visible to torch" or "CPU-only" in \
+        steps["pytest -m gpu"]["reason"]
+    assert "TensorRT is not installed" in steps["build fp16 engines"]["reason"]
+    assert steps["end to end 64x64 50 steps vs eager diffusers SAG"]["reason"] == "no engines (build did not run)"
+    assert steps["memory returned after close"]["reason"] == "load did not run"
+    assert list(steps)[-1] == "parse fp32" and report["machine"]["tensorrt"] is None
+    assert report["settings"]["steps"] == 50 and report["settings"]["psnr_bound_db"] == 30.0
+
+
+def test_gpu_check_stops_starting_steps_when_its_budget_is_spent(tmp_path):
+    import json
+
+    report_path = tmp_path / "check.json"
+    load_gpu_check()["main"](["--presets", "tiny", "--json", str(report_path), "--budget-s", "0"])
+    packages = json.loads(report_path.read_text())["steps"][0]
+    assert packages["name"] == "packages" and packages["status"] == "skipped"
+    assert packages["reason"] == "the time budget (--budget-s) was spent"
 
 
 # ---- packages: one ONNX Runtime, TensorRT for torch's CUDA ------------------------------------------------------
