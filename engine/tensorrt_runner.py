@@ -93,7 +93,7 @@ class DeviceMemory:
 
     def reserve(self, size: int) -> None:
         """At least `size` bytes from now on; a larger buffer replaces the old one once the stream is done with it."""
-        if size <= self.size:
+        if self.tensor is not None and size <= self.size:
             return
         self.release()  # waits for the stream: TensorRT may still run in the old buffer
         self.tensor = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)

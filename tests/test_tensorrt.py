@@ -481,6 +481,14 @@ def test_allocate_selects_the_profile_and_sizes_scratch_for_the_shapes(tmp_path)
     assert memory.size == 0 and stream.synchronized == 3
 
 
+def test_an_engine_that_needs_no_scratch_still_gets_a_buffer_to_point_at(tmp_path):
+    memory = DeviceMemory(torch.device("cpu"))
+    memory.reserve(0)
+    assert memory.size == 1 and memory.generation == 1 and memory.data_ptr()
+    memory.reserve(1)
+    assert memory.generation == 1
+
+
 def test_allocate_refuses_an_input_shape_tensorrt_rejects(tmp_path):
     engine, stream = loaded_engine(tmp_path), FakeStream()
     engine.activate(DeviceMemory(torch.device("cpu"), stream))
