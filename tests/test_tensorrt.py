@@ -1042,5 +1042,24 @@ def test_tensorrt_cuda_major_comes_from_the_wheel_name(tmp_path, monkeypatch):
     assert cuda_major_mismatch(12, "12.8") is None and cuda_major_mismatch(None, "12.8") is None
     assert cuda_major_mismatch(12, None) is None
     message = cuda_major_mismatch(13, "12.8")
-    assert message == ("TensorRT is built for CUDA 13 but torch for CUDA 12.8: install the TensorRT of torch's CUDA: "
-                       "pip uninstall -y tensorrt-cu13 && pip install 'tensorrt-cu12>=10.1,<11'")
+    assert message == ("TensorRT is built for CUDA 13 while torch is built for CUDA 12.8 (install the TensorRT of "
+                       "torch's CUDA: pip uninstall -y tensorrt-cu13 && pip install 'tensorrt-cu12>=10.1,<11')")
+
+
+def test_tensorrt_for_another_cuda_major_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A stand-in tensorrt module whose wheel says CUDA 13, beside a torch built for CUDA 12.8."""
+    import sys
+
+    from sagrt.engine.tensorrt_build import TensorRTUnavailable, require_tensorrt
+
+    fake_distribution(tmp_path, "tensorrt-cu13-bindings", "10.13.0", "tensorrt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "TensorRT is built for CUDA 13 while torch is built for CUDA 12.8" in tensorrt_missing()[0]
+    with pytest.raises(TensorRTUnavailable) as err:
+        require_tensorrt("--backend tensorrt")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--backend tensorrt needs TensorRT and an NVIDIA GPU, but ")
+    assert "pip install 'tensorrt-cu12>=10.1,<11'" in message
+
