@@ -375,15 +375,19 @@ VAE_PROFILE = {"latent": [[1, 4, 4, 4], [1, 4, 8, 8], [4, 4, 16, 16]]}
 
 
 class FakeStream:
-    """A stream handle that counts host synchronisations."""
+    """A stream handle that counts host synchronisations and records which streams it was ordered after."""
 
     cuda_stream = 0
+    device = torch.device("cpu")
 
     def __init__(self):
-        self.synchronized = 0
+        self.synchronized, self.waited_for = 0, []
 
     def synchronize(self):
         self.synchronized += 1
+
+    def wait_stream(self, other):
+        self.waited_for.append(other)
 
 
 def loaded_engine(tmp_path, profiles=(VAE_PROFILE,), **kwargs) -> Engine:
@@ -508,6 +512,49 @@ def test_shapes_kept_per_engine_are_bounded_least_recently_used_first(tmp_path):
     engine.allocate({"latent": (3, 4, 8, 8)}, stream)
     assert [dict(k)["latent"][0] for k in engine.bindings] == [1, 3]  # batch 2 was the least recently used
     assert stream.synchronized > waits  # its buffers were dropped after the stream finished with them
+
+
+def test_infer_orders_streams_reuses_shapes_and_hands_out_copies(tmp_path, monkeypatch):
+    """Engine.infer on CPU stand-ins for the two CUDA-only calls it makes (the caller's stream, and making the
+    engine's stream current): the fake context doubles its input."""
+    caller, stream = FakeStream(), FakeStream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    engine = loaded_engine(tmp_path, cuda_graph=False)
+    engine.activate(DeviceMemory(torch.device("cpu"), stream))
+
+    def execute(handle, context):
+        binding = next(b for b in engine.bindings.values() if b.context is context)
+        binding.tensors["image"].copy_(binding.tensors["latent"] * 2)
+        context.calls.append(("execute",))
+        return True
+
+    def infer(batch):
+        x = torch.randn(batch, 4, 8, 8)
+        return x, engine.infer({"latent": x}, stream)["image"]
+
+    original_allocate = engine.allocate
+
+    def allocate(shapes, s):  # the fake context learns to compute once it exists
+        binding = original_allocate(shapes, s)
+        binding.context.execute_async_v3 = functools.partial(execute, context=binding.context)
+        return binding
+
+    engine.allocate = allocate
+    x, out = infer(1)
+    torch.testing.assert_close(out, 2 * x)
+    assert stream.waited_for == [caller] and caller.waited_for == [stream]  # engine after caller, caller after engine
+    out.zero_()  # a copy: the engine's own output buffer is untouched
+    assert engine.bindings[_key({"latent": (1, 4, 8, 8)})].tensors["image"].abs().sum() > 0
+    x, out = infer(1)
+    torch.testing.assert_close(out, 2 * x)
+    assert len(engine.engine.contexts) == 1  # the shape's context and buffers are reused
+    infer(4)  # a larger shape grows the scratch buffer ...
+    x, out = infer(1)  # ... and the first shape's context is pointed at the new one before it runs
+    small = engine.bindings[_key({"latent": (1, 4, 8, 8)})]
+    assert small.memory_generation == engine.memory.generation == 2 and small.context.calls[-2][0] == "memory"
+    torch.testing.assert_close(out, 2 * x)
+    assert [dict(k)["latent"][0] for k in engine.bindings] == [4, 1]  # most recently used last
 
 
 class StandInGraph:
