@@ -321,6 +321,9 @@ class TensorRTRunners(Runners):
         with torch.cuda.device(self.device):
             for network in NETWORKS:
                 entry = manifest["engines"][network]
+                if "profiles" not in entry:  # one profile per engine, from a sagrt before the UNet's B/2B pair
+                    raise EngineError(f"the engines in {self.engine_dir} were built by an older sagrt: rebuild them "
+                                      f"with: {rebuild_command(manifest, self.engine_dir)}")
                 engine = Engine(network, self.engine_dir / entry["file"], entry["profiles"],
                                 lambda shapes, n=network: shape_rebuild_command(manifest, self.engine_dir, n, shapes),
                                 cuda_graph=cuda_graph, max_shapes=max_shapes)
