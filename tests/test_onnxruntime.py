@@ -165,7 +165,7 @@ def test_parity_command_prints_each_step_and_passes(tiny_onnx, capsys):
         assert float(row[2]) <= 1e-5 and float(row[4]) <= LOOP_BOUND  # noise_pred, latents
         differ, total = map(int, row[5].split("/"))
         assert total == 2 * 4 * 4 and differ == 0  # 2 images, 4x4 SAG map: no mask position flipped
-    assert out.strip().endswith("0 mask position(s) differ: ok")
+    assert out.strip().endswith("SAG mask agreement 100.0000% (0 position(s) differ): ok")
 
 
 def test_parity_counts_flipped_mask_positions():

@@ -38,6 +38,8 @@ def add_model_arguments(parser, backend_choice=True):
                         help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
     parser.add_argument("--engine-dir", default=None, metavar="DIR",
                         help="tensorrt: engines from `sagrt build --out DIR` (default: build on first use)")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                        help="tensorrt: run engines without CUDA graphs (default: one graph per call shape)")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
@@ -47,13 +49,13 @@ def add_model_arguments(parser, backend_choice=True):
 
 # CLI flag -> backend option (runtime/backends.py options dataclasses)
 OPTION_FLAGS = {"device": "--device", "precision": "--precision", "providers": "--provider",
-                "export_dir": "--export-dir", "engine_dir": "--engine-dir"}
+                "export_dir": "--export-dir", "engine_dir": "--engine-dir", "cuda_graph": "--no-cuda-graph"}
 
 
 def backend_options(args) -> dict:
     """The backend options given on the command line (not their defaults)."""
     values = {"device": args.device, "precision": args.precision, "providers": args.provider,
-              "export_dir": args.export_dir, "engine_dir": args.engine_dir}
+              "export_dir": args.export_dir, "engine_dir": args.engine_dir, "cuda_graph": args.cuda_graph}
     return {key: value for key, value in values.items() if value is not None}
 
 
