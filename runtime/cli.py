@@ -19,6 +19,7 @@ COMMANDS = {
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
+    "serve": ("sagrt.runtime.commands.serve", "HTTP service: native, OpenAI and A1111 endpoints, batching, Ray"),
 }
 
 

@@ -20,13 +20,35 @@ from tqdm.auto import tqdm
 from sagrt.errors import SagrtError
 from sagrt.export.attention import MID_BLOCK_LAYER
 from sagrt.runtime import schedulers as sched
-from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
+from sagrt.runtime.guidance import classifier_free_guidance, per_image, sag_degrade, sag_mask
 from sagrt.runtime.runners import ModelInfo, Runners
-
 
 
 class InputError(SagrtError):
     """A generation argument out of range."""
+
+
+def scale_switch(name: str, scale, off_at: float) -> bool:
+    """Whether a guidance term runs: `scale > off_at`, for one value or for every image of a per-image list
+    (a batch cannot run CFG or SAG for some images only: the UNet batch layout depends on it)."""
+    values = torch.as_tensor(scale, dtype=torch.float64).flatten().tolist()
+    if not values:
+        raise InputError(f"{name} is empty: pass a number or one value per image")
+    on = [value > off_at for value in values]
+    if any(on) != all(on):
+        raise InputError(f"{name} values {values} are on both sides of {off_at}: in one call it must be above it "
+                         f"for every image or for none")
+    return on[0]
+
+
+def per_image_scale(name: str, scale, batch: int, device, dtype):
+    """A float as is; a list or 1-D tensor of one value per image as [B, 1, 1, 1] (see guidance.per_image)."""
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    scale = torch.as_tensor(scale)
+    if scale.dim() != 1 or scale.shape[0] != batch:
+        raise InputError(f"{name} has shape {tuple(scale.shape)}: pass a number or one value per image ({batch})")
+    return per_image(scale, device, dtype)
 
 
 @dataclass
@@ -190,7 +212,11 @@ class SAGPipeline:
                  sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
-                 sag: SAGConfig | None = None):
+                 sag: SAGConfig | None = None, sag_mask_callback=None):
+        """As diffusers' SAG pipeline, plus: `guidance_scale` and `sag_scale` may give one value per image (a
+        list or 1-D tensor of the batch's length; CFG and SAG must then be on for all images or for none),
+        `generator` may be a list (one per image), and `sag_mask_callback(step, mask [B, 1, h, w])` sees the
+        SAG mask of each step where SAG runs. A `callback` that raises stops the loop after that step."""
         sag = sag or SAGConfig()
         height = height or self.info.sample_size * self.info.vae_scale_factor
         width = width or self.info.sample_size * self.info.vae_scale_factor
@@ -200,12 +226,17 @@ class SAGPipeline:
             raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         start = time.perf_counter()
         self.timings = timings = Timings()
-        do_cfg = guidance_scale > 1.0
-        do_sag = sag_scale > 0.0
+        do_cfg = scale_switch("guidance_scale", guidance_scale, 1.0)
+        do_sag = scale_switch("sag_scale", sag_scale, 0.0)
 
         # 1. text embeddings
         prompt_embeds, negative_embeds = self.encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt,
                                                             prompt_embeds, negative_prompt_embeds, clip_skip)
+        batch = prompt_embeds.shape[0]
+        guidance_scale = per_image_scale("guidance_scale", guidance_scale, batch, self.device, self.runners.dtype)
+        sag_scale = per_image_scale("sag_scale", sag_scale, batch, self.device, self.runners.dtype)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise InputError(f"{len(generator)} generators for a batch of {batch} images: pass one per image")
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # the degraded pass sees the unconditional embeddings (eq. 25), or the prompt's without CFG
         degraded_context = negative_embeds if do_cfg else prompt_embeds
@@ -232,7 +263,10 @@ class SAGPipeline:
         step_kwargs = self._step_kwargs(generator, eta)
         if hasattr(scheduler, "noise_sampler_seed") and scheduler.config.get("noise_sampler_seed") is None:
             # DPM-SDE draws its Brownian noise from its own seed, not the generator: tie it to the caller's seed
-            scheduler.noise_sampler_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+            # (a list of seeds gives each image its own Brownian tree)
+            scheduler.noise_sampler_seed = ([g.initial_seed() for g in generator] if isinstance(generator, list)
+                                            else generator.initial_seed() if isinstance(generator, torch.Generator)
+                                            else None)
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
 
         # 3. denoising with SAG
@@ -250,6 +284,8 @@ class SAGPipeline:
             if do_sag and sag.active(i, len(timesteps)):
                 x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
                 mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
+                if sag_mask_callback is not None:
+                    sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
                 degraded = sched.renoise(scheduler, sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma), noise, t)
                 eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
                 eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
