@@ -44,6 +44,10 @@ def create_app(config, service: Service | None = None) -> FastAPI:
     add_error_handlers(app, service)
     add_health_routes(app, service)
     add_native_routes(app, service)
+    from sagrt.serve import a1111, openai_api
+
+    app.include_router(openai_api.router(service))
+    app.include_router(a1111.router(service))
     return app
 
 

@@ -407,13 +407,13 @@ def test_timeout_504_then_drain_on_sigterm(tmp_path):
         start = time.monotonic()
         late = generate(srv.url, num_inference_steps=400, width=128, height=128)
         assert late.status_code == 504 and "timeout" in late.json()["detail"]
-        assert 3.5 < time.monotonic() - start < 6
+        assert 4 <= time.monotonic() - start < 10  # answered at the deadline (loose: the machine is shared)
         assert metrics(srv.url)[("sagrt_cancellations_total", ("reason", "timeout"))] == 1
 
         async def scenario():
             async with httpx.AsyncClient(timeout=60) as client:
                 work = asyncio.ensure_future(client.post(srv.url + "/v1/generate", headers={"X-Request-Id": "last"},
-                                                         json={"prompt": "a road", "num_inference_steps": 80}))
+                                                         json={"prompt": "a road", "num_inference_steps": 60}))
                 await asyncio.get_running_loop().run_in_executor(None, wait_running, srv.url, "last")
                 srv.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.2)
@@ -428,3 +428,80 @@ def test_timeout_504_then_drain_on_sigterm(tmp_path):
         assert srv.process.wait(20) == 0, srv.output()
     finally:
         srv.stop()
+
+
+# ---- OpenAI and AUTOMATIC1111 --------------------------------------------------------------------------------
+def test_openai_client(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    result = client.images.generate(prompt="a red house", n=2, size="96x64", response_format="b64_json",
+                                    extra_body={"seed": 7, "num_inference_steps": 4, "sag_scale": 0.75})
+    assert len(result.data) == 2 and result.data[0].revised_prompt is None
+    first = base64.b64decode(result.data[0].b64_json)
+    assert Image.open(io.BytesIO(first)).size == (96, 64)
+    native = generate(server.url, seed=7, num_inference_steps=4, width=96, height=64)
+    assert np.abs(png_pixels(first) - png_pixels(native.content)).max() <= 1  # 2 images in one call vs 1
+    with pytest.raises(openai.BadRequestError, match="use response_format b64_json"):
+        client.images.generate(prompt="a house", response_format="url")
+    with pytest.raises(openai.UnprocessableEntityError, match="size"):
+        client.images.generate(prompt="a house", size="big")
+
+
+def test_a1111_txt2img(server):
+    body = {"prompt": "a tree", "negative_prompt": "fog", "steps": 5, "cfg_scale": 6.0, "width": 64, "height": 64,
+            "seed": 42, "batch_size": 2, "n_iter": 2, "sampler_name": "Euler a", "sag_scale": 0.5,
+            "enable_hr": False, "restore_faces": False}
+    response = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    info = json.loads(payload["info"])
+    assert info["all_seeds"] == [42, 43, 44, 45] and info["sampler_name"] == "Euler a" and len(payload["images"]) == 4
+    assert payload["parameters"]["sampler_name"] == "Euler a" and "Sampler: Euler a" in info["infotexts"][1]
+    native = generate(server.url, prompt="a tree", negative_prompt="fog", num_inference_steps=5, guidance_scale=6.0,
+                      seed=43, scheduler="euler-a", sag_scale=0.5)
+    assert np.abs(png_pixels(base64.b64decode(payload["images"][1])) - png_pixels(native.content)).max() <= 1
+    karras = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=60,
+                        json={"prompt": "x", "steps": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    assert karras.status_code == 200 and json.loads(karras.json()["info"])["sampler_name"] == "DPM++ 2M Karras"
+    random_seed = json.loads(httpx.post(server.url + "/sdapi/v1/txt2img", timeout=60,
+                                        json={"prompt": "x", "steps": 2, "seed": -1}).json()["info"])["seed"]
+    assert random_seed >= 0
+    bad = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "sampler_name"
+    too_many = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": 3, "n_iter": 3})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"][-1] == "batch_size"
+
+
+def test_a1111_listings(server):
+    samplers = httpx.get(server.url + "/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names)
+    assert next(s for s in samplers if s["name"] == "Euler a")["aliases"] == ["k_euler_a", "k_euler_ancestral"]
+    models = httpx.get(server.url + "/sdapi/v1/sd-models").json()
+    assert models[0]["model_name"] == "tiny" and models[0]["title"] == f"tiny [{models[0]['hash']}]"
+    assert len(models[0]["hash"]) == 10
+
+
+def test_a1111_progress_and_interrupt(server):
+    body = {"prompt": "a lake", "steps": 400, "width": 128, "height": 128}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            work = asyncio.ensure_future(client.post(server.url + "/sdapi/v1/txt2img", json=body))
+            for _ in range(500):
+                progress = (await client.get(server.url + "/sdapi/v1/progress")).json()
+                if progress["state"]["sampling_step"] > 0:
+                    break
+                await asyncio.sleep(0.02)
+            interrupted = (await client.post(server.url + "/sdapi/v1/interrupt")).json()
+            start = time.monotonic()
+            answer = await work
+            return progress, interrupted, answer, time.monotonic() - start
+
+    progress, interrupted, answer, elapsed = asyncio.run(scenario())
+    assert progress["state"]["sampling_steps"] == 400 and 0 < progress["progress"] < 1
+    assert interrupted == {"interrupted": 1}
+    assert answer.status_code == 409 and "interrupt" in answer.json()["detail"]
+    assert elapsed < 2.0
+    idle = httpx.get(server.url + "/sdapi/v1/progress").json()
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
