@@ -38,7 +38,25 @@ class Service:
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def start(self):
-        self.worker.start()
+        """Starts the engine thread (it loads and warms the model); a second call does nothing."""
+        if not self.worker.thread.is_alive() and not self.worker.loaded.is_set():
+            self.worker.start()
+
+    async def probe(self, timeout: float = 60.0):
+        """Raises unless the engine works: loaded, its thread alive, and either busy making progress or able to
+        run one denoising step at the default size now (for orchestrators' health checks)."""
+        if self.worker.load_error is not None or (self.worker.loaded.is_set() and not self.worker.thread.is_alive()):
+            raise RuntimeError(f"sagrt engine is down: {self.worker.load_error or 'its thread exited'}")
+        if self.state != READY:
+            return  # loading or draining: alive, readiness says the rest
+        if self.worker.busy:
+            if time.monotonic() - self.worker.last_progress > timeout:
+                raise RuntimeError(f"sagrt engine made no progress for {timeout:.0f} s")
+            return
+        size = self.engine.limits.default_size  # the warm-up size, known to work
+        job = self.submit(GenerationParams(prompt="health check", width=size, height=size, steps=1, seed=0,
+                                           scheduler=self.default_scheduler()), f"health-{uuid.uuid4().hex[:8]}")
+        await asyncio.wait_for(asyncio.shield(job.future), timeout)
 
     def stop(self):
         self.worker.stop()

@@ -135,6 +135,7 @@ class Worker:
         self.batch_seconds = 1.0  # moving average, for Retry-After
         self.thread = threading.Thread(target=self._main, name="sagrt-engine", daemon=True)
         self.load_error: BaseException | None = None
+        self.last_progress = time.monotonic()  # the last finished step or call, for health checks
         self.loaded = threading.Event()
 
     # ---- called from the event loop -----------------------------------------------------------------
@@ -201,8 +202,12 @@ class Worker:
             slices = self._next_batch()
             if slices is None:
                 return
-            if slices:
-                self._run(slices)
+            try:
+                if slices:
+                    self._run(slices)
+            except Exception as err:  # noqa: BLE001 - a bug in one batch must not end the engine thread
+                for job, _, _ in slices:
+                    self._end(job, error=engine_error(err))
 
     def _next_batch(self):
         """The oldest live job and the compatible ones behind it, up to max_batch images; [] if none is live;
@@ -258,7 +263,8 @@ class Worker:
         finally:
             with self.cond:
                 self.running = []
-            elapsed = time.monotonic() - start
+            self.last_progress = time.monotonic()
+            elapsed = self.last_progress - start
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * elapsed
 
     def _run_call(self, slices):
@@ -299,7 +305,7 @@ class Worker:
 
     def _on_step(self, slices, step: int, masks) -> None:
         """After each denoising step: progress events, deadlines, and stop if every job is cancelled."""
-        now = time.monotonic()
+        now = self.last_progress = time.monotonic()
         live = 0
         for index, (job, first, count) in enumerate(slices):
             if job.cancel_reason is None and job.expired(now):
