@@ -163,7 +163,8 @@ def result_payload(service: Service, params: GenerationParams, result: JobResult
 def result_headers(result: JobResult) -> dict:
     return {"X-Sagrt-Seeds": ",".join(map(str, result.seeds)),
             "X-Sagrt-Batch-Images": ",".join(map(str, result.batch_images)),
-            "X-Sagrt-Queue-Ms": f"{result.queue_seconds * 1e3:.2f}"}
+            "X-Sagrt-Queue-Ms": f"{result.queue_seconds * 1e3:.2f}",
+            "X-Sagrt-Run-Ms": f"{result.run_seconds * 1e3:.2f}"}
 
 
 def add_native_routes(app: FastAPI, service: Service):

@@ -197,6 +197,7 @@ class Worker:
             self.load_error = err
             self.loaded.set()
             return
+        self.metrics.ready.set(1)
         self.loaded.set()
         while True:
             slices = self._next_batch()

@@ -377,13 +377,17 @@ def test_failing_request_fails_alone(server):
 def test_metric_names(server):
     from sagrt.serve.metrics import METRIC_NAMES
 
+    assert generate(server.url, num_inference_steps=2).status_code == 200
+    assert generate(server.url, width=60).status_code == 422
     text = httpx.get(server.url + "/metrics").text
     for name in METRIC_NAMES:
         assert f"# TYPE {name.removesuffix('_total')} " in text or f"# TYPE {name} " in text, name
     values = metrics(server.url)
-    assert values[("sagrt_requests_total", ("endpoint", "/v1/generate"), ("status", "200"))] >= 3
-    assert values[("sagrt_rejections_total", ("reason", "queue_full"))] >= 1
-    assert values[("sagrt_batch_size_count",)] >= 3 and values[("sagrt_ready",)] == 1
+    assert values[("sagrt_requests_total", ("endpoint", "/v1/generate"), ("status", "200"))] >= 1
+    assert values[("sagrt_requests_total", ("endpoint", "/v1/generate"), ("status", "422"))] >= 1
+    assert values[("sagrt_rejections_total", ("reason", "invalid"))] >= 1
+    assert values[("sagrt_batch_size_count",)] >= 1 and values[("sagrt_step_seconds_count",)] >= 1
+    assert values[("sagrt_ready",)] == 1 and values[("sagrt_in_flight",)] == 1  # this /metrics request
 
 
 def test_readiness_while_busy(server):
