@@ -263,9 +263,10 @@ class SAGPipeline:
         step_kwargs = self._step_kwargs(generator, eta)
         if hasattr(scheduler, "noise_sampler_seed") and scheduler.config.get("noise_sampler_seed") is None:
             # DPM-SDE draws its Brownian noise from its own seed, not the generator: tie it to the caller's seed
-            # (a list of seeds gives each image its own Brownian tree)
-            scheduler.noise_sampler_seed = ([g.initial_seed() for g in generator] if isinstance(generator, list)
-                                            else generator.initial_seed() if isinstance(generator, torch.Generator)
+            # (a list of seeds gives each image its own Brownian tree; a list of one acts as that one generator)
+            source = generator[0] if isinstance(generator, list) and len(generator) == 1 else generator
+            scheduler.noise_sampler_seed = ([g.initial_seed() for g in source] if isinstance(source, list)
+                                            else source.initial_seed() if isinstance(source, torch.Generator)
                                             else None)
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
 
