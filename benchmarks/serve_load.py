@@ -267,7 +267,8 @@ def markdown(report: dict) -> str:
                       f"{o['overhead_ms']:.2f} ms; the server's own view (latency minus its pipeline call): "
                       f"{o['outside_call_p50_ms']:.2f} ms",
                   f"- --max-batch 1 at concurrency {b1['concurrency']}: {b1['images_per_s']} images/s "
-                  f"(p50 {fmt(b1['p50_ms'])} ms); --max-batch 4 over 1: {fmt(m['batch4_over_batch1_images_per_s'], 2)}x"]
+                  f"(p50 {fmt(b1['p50_ms'])} ms); --max-batch 4 over 1: "
+                  f"{fmt(m['batch4_over_batch1_images_per_s'], 2)}x"]
         if m.get("burst"):
             lines.append(f"- burst: {m['burst']['sent']} requests at once, --max-queue {m['burst']['max_queue']}: "
                          f"{m['burst']['statuses']}, answered {m['burst']['answered']}, Retry-After "

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter, Request
+from pydantic import ConfigDict, Field
+
+from sagrt.serve.schemas import SAGFields
+
 # A1111 sampler name -> (sagrt scheduler, Karras sigmas). Names as A1111's /sdapi/v1/samplers lists them.
 SAMPLERS = {
     "Euler a": ("euler-a", False),
@@ -61,13 +66,8 @@ def a1111_name(scheduler: str, karras: bool) -> str:
 
 
 # ---- the txt2img API ------------------------------------------------------------------------------------------
-from fastapi import APIRouter, Request  # noqa: E402
-from pydantic import ConfigDict, Field  # noqa: E402
-
-from sagrt.serve.schemas import SAGFields  # noqa: E402
-
-FIELDS = {"steps": "steps", "n": "batch_size",  # n = batch_size x n_iter "prompt": "prompt", "negative_prompt": "negative_prompt",
-          "scheduler": "sampler_name", "karras_sigmas": "scheduler"}
+# GenerationParams field -> A1111's request field, for 422 messages (n = batch_size x n_iter)
+FIELDS = {"steps": "steps", "n": "batch_size", "scheduler": "sampler_name", "karras_sigmas": "scheduler"}
 
 
 class Txt2ImgRequest(SAGFields):

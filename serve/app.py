@@ -10,7 +10,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sagrt.serve.images import infotext, png_b64, png_bytes
 from sagrt.serve.middleware import RequestContext

@@ -22,7 +22,8 @@ class Engine:
         self._schedulers: dict = {}
         self._lock = threading.Lock()
         # test hook (docs/serving.md): a request with this seed fails inside the loop, as a failing engine would
-        self.fault_seed = int(os.environ["SAGRT_SERVE_FAULT_SEED"]) if os.environ.get("SAGRT_SERVE_FAULT_SEED") else None
+        fault = os.environ.get("SAGRT_SERVE_FAULT_SEED")
+        self.fault_seed = int(fault) if fault else None
 
     def load(self):
         from sagrt.runtime.pipeline import SAGPipeline

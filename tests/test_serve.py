@@ -316,12 +316,21 @@ def test_full_queue_answers_429_at_once(server):
 
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as client:
-            # one running and four queued (different seeds, one batch key: the queue holds jobs, not images)
-            tasks = [asyncio.ensure_future(client.post(server.url + "/v1/generate", json={**long, "seed": i},
-                                                       headers={"X-Request-Id": f"fill-{i}"})) for i in range(5)]
-            await asyncio.sleep(1.0)
+            # one running, then four queued (different step counts: they cannot share a call)
+            def fill(i):
+                body = {**long, "seed": i, "num_inference_steps": 400 - i}
+                return asyncio.ensure_future(client.post(server.url + "/v1/generate", json=body,
+                                                         headers={"X-Request-Id": f"fill-{i}"}))
+
+            tasks = [fill(0)]
+            await asyncio.get_running_loop().run_in_executor(None, wait_running, server.url, "fill-0")
+            tasks += [fill(i) for i in range(1, 5)]
+            for _ in range(200):
+                if (await client.get(server.url + "/v1/status")).json()["queue_depth"] == 4:
+                    break
+                await asyncio.sleep(0.05)
             start = time.monotonic()
-            refused = await client.post(server.url + "/v1/generate", json=long)
+            refused = await client.post(server.url + "/v1/generate", json={**long, "num_inference_steps": 2})
             elapsed = time.monotonic() - start
             for i in range(5):
                 await client.post(f"{server.url}/v1/jobs/fill-{i}/cancel")
@@ -337,6 +346,7 @@ def test_full_queue_answers_429_at_once(server):
 def test_body_over_limit_413(server):
     response = generate(server.url, negative_prompt="x" * 20000)
     assert response.status_code == 413 and "over the limit" in response.json()["detail"]
+    assert response.headers["x-request-id"] and response.headers["x-sagrt-replica"]
 
 
 @pytest.mark.parametrize("body, field, message", [
@@ -486,8 +496,20 @@ def test_a1111_listings(server):
     assert len(models[0]["hash"]) == 10
 
 
+def test_openapi_lists_every_endpoint(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/generate", "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/progress",
+                 "/sdapi/v1/interrupt", "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/v1/status", "/v1/jobs/{job_id}",
+                 "/v1/jobs/{job_id}/cancel", "/healthz", "/readyz", "/metrics"):
+        assert path in schema["paths"], path
+    fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"prompt", "sag_scale", "sag_window", "return_masks", "scheduler"} <= set(fields)
+    assert fields["num_inference_steps"]["minimum"] == 1
+
+
 def test_a1111_progress_and_interrupt(server):
     body = {"prompt": "a lake", "steps": 400, "width": 128, "height": 128}
+    before = metrics(server.url)
 
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -507,5 +529,9 @@ def test_a1111_progress_and_interrupt(server):
     assert interrupted == {"interrupted": 1}
     assert answer.status_code == 409 and "interrupt" in answer.json()["detail"]
     assert elapsed < 2.0
+    after = metrics(server.url)
+    stopped = after[("sagrt_cancel_steps_count",)] - before.get(("sagrt_cancel_steps_count",), 0)
+    ran = after[("sagrt_cancel_steps_sum",)] - before.get(("sagrt_cancel_steps_sum",), 0)
+    assert stopped == 1 and ran <= 1, f"{ran} steps after the interrupt"
     idle = httpx.get(server.url + "/sdapi/v1/progress").json()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
