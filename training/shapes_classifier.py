@@ -1,6 +1,6 @@
 """The small CNN that judges generated shapes: shape, shape colour and background colour heads.
 
-Its 128-d pooled features are what the evaluation's Frechet distance is computed on.
+Its 256-d pooled features are what the evaluation's Frechet distance is computed on.
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ class ShapesClassifier(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
                        nn.Conv2d(cout, cout, 3, padding=1), nn.SiLU()]
         self.body = nn.Sequential(*layers)  # 64 -> 4 pixels
+        dim = 2 * chans[-1]
         self.heads = nn.ModuleDict({
-            "shape": nn.Linear(chans[-1], len(SHAPES)),
-            "colour": nn.Linear(chans[-1], len(COLOUR_NAMES)),
-            "background": nn.Linear(chans[-1], len(COLOUR_NAMES)),
+            "shape": nn.Linear(dim, len(SHAPES)),
+            "colour": nn.Linear(dim, len(COLOUR_NAMES)),
+            "background": nn.Linear(dim, len(COLOUR_NAMES)),
         })
         self.width = width
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 4*width) pooled features of images (B, 3, 64, 64) in [-1, 1]."""
-        return self.body(images).mean(dim=(2, 3))
+        """(B, 8*width) features of images (B, 3, 64, 64) in [-1, 1]: mean and max over the 4x4 map."""
+        fmap = self.body(images)
+        return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.features(images)

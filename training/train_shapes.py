@@ -35,7 +35,7 @@ SEED = 17
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
 )
 UNET_CONFIG = dict(
@@ -83,7 +83,7 @@ def train_classifier(work: Path, steps: int, batch: int) -> None:
     slightly soft images a diffusion model makes."""
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED + 1)
-    model = shapes_classifier.ShapesClassifier()
+    model = shapes_classifier.ShapesClassifier(width=16)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     log = LossLog(work, "classifier")
     bar = tqdm(range(steps), desc="classifier", file=sys.stdout, mininterval=5)
@@ -244,9 +244,9 @@ def main(argv=None):
     parser.add_argument("--work", type=Path, default=ROOT / "training" / "out")
     parser.add_argument("--output", type=Path, default=ROOT / "export" / "presets" / "shapes")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--classifier-steps", type=int, default=400)
-    parser.add_argument("--vae-steps", type=int, default=900)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--classifier-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--unet-batch", type=int, default=32)
