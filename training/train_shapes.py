@@ -141,6 +141,36 @@ def train_vae(work: Path, steps: int, batch: int) -> None:
     vae.save_pretrained(work / "vae", safe_serialization=True)
 
 
+def train_decoder(work: Path, steps: int, batch: int) -> None:
+    """More training for the VAE decoder alone: the encoder, hence the UNet's latents, stay as they are, so this
+    stage can run beside or after the UNet's."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED + 5)
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae.requires_grad_(False)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for param in decoder:
+        param.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(decoder, lr=1e-3, weight_decay=0.0)
+    log = LossLog(work, "decoder")
+    bar = tqdm(range(steps), desc="decoder", file=sys.stdout, mininterval=5)
+    for step in bar:
+        set_lr(opt, lr_at(step, steps, 1e-3))
+        images = sample(batch, gen).images
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator=gen)
+        recon = vae.decode(latents).sample
+        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.add(step, bar, loss=loss.item())
+    vae.eval().save_pretrained(work / "vae", safe_serialization=True)
+
+
 def tokenizer_folder(folder: Path) -> Path:
     """Writes the package's tokenizer with the caption words as whole tokens into folder."""
     sys.path.insert(0, str(ROOT / "export" / "assets"))
@@ -246,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--classifier-steps", type=int, default=1200)
     parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--decoder-steps", type=int, default=0)
     parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
@@ -260,6 +291,8 @@ def main(argv=None):
         train_classifier(args.work, args.classifier_steps, args.batch)
     if "vae" in stages:
         train_vae(args.work, args.vae_steps, args.vae_batch)
+    if "decoder" in stages:
+        train_decoder(args.work, args.decoder_steps, args.vae_batch)
     if "unet" in stages:
         train_unet(args.work, args.unet_steps, args.unet_batch, args.latents)
     if "save" in stages:
