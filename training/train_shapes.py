@@ -199,7 +199,8 @@ def make_latents(work: Path, count: int):
     return torch.cat(chunks), torch.cat(shapes), torch.cat(colours), torch.cat(backgrounds)
 
 
-def train_unet(work: Path, steps: int, batch: int, count: int) -> None:
+def train_unet(work: Path, steps: int, batch: int, count: int, stop: int | None = None) -> None:
+    """`steps` sets the learning-rate schedule; `stop` ends training (and saves) earlier on that schedule."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -217,7 +218,8 @@ def train_unet(work: Path, steps: int, batch: int, count: int) -> None:
     opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=1e-2)
     noise_sched = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     log = LossLog(work, "unet")
-    bar = tqdm(range(steps), desc="unet", file=sys.stdout, mininterval=5)
+    last = min(steps, stop or steps)
+    bar = tqdm(range(last), desc="unet", file=sys.stdout, mininterval=5)
     for step in bar:
         set_lr(opt, lr_at(step, steps, 8e-4, warmup=200))
         idx = torch.randint(len(latents), (batch,), generator=gen)
@@ -241,7 +243,7 @@ def train_unet(work: Path, steps: int, batch: int, count: int) -> None:
                 for pa, pl in zip(avg.parameters(), live.parameters()):
                     pa.lerp_(pl, 1 - decay)
         log.add(step, bar, loss=loss.item())
-        if (step + 1) % 1000 == 0 or step + 1 == steps:
+        if (step + 1) % 1000 == 0 or step + 1 == last:
             ema[0].save_pretrained(work / "unet", safe_serialization=True)
             ema[1].save_pretrained(work / "text_encoder", safe_serialization=True)
 
@@ -280,6 +282,8 @@ def main(argv=None):
     parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--unet-stop", type=int, default=None,
+                        help="end the UNet's training after this many steps of its --unet-steps schedule")
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--latents", type=int, default=20000, help="training images the UNet sees")
     args = parser.parse_args(argv)
@@ -294,7 +298,7 @@ def main(argv=None):
     if "decoder" in stages:
         train_decoder(args.work, args.decoder_steps, args.vae_batch)
     if "unet" in stages:
-        train_unet(args.work, args.unet_steps, args.unet_batch, args.latents)
+        train_unet(args.work, args.unet_steps, args.unet_batch, args.latents, args.unet_stop)
     if "save" in stages:
         save_folder(args.work, args.output)
     print(f"done in {(time.time() - start) / 60:.1f} min")
