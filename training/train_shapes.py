@@ -5,12 +5,17 @@ Stages, each seeded and each saved under --work before the next starts (rerun wi
 1. classifier  the judge for the evaluation and the test (training/shapes_classifier.safetensors)
 2. vae         AutoencoderKL, 64x64 RGB -> 4x8x8 latents (the usual /8), reconstruction + small KL loss;
                its scaling_factor is set so the training latents have unit standard deviation
+   decoder     more steps for the VAE decoder alone (the latents do not change, so it may run in a second
+               process beside the UNet's: --stages decoder)
 3. unet        UNet2DConditionModel (cross-attention, self-attention mid block: SAG's layer) and a
                2-layer CLIP text encoder with the package's tokenizer extended by the caption words,
                trained together on epsilon prediction with 10 % empty captions (classifier-free guidance)
 4. save        the diffusers folder (--output, default export/presets/shapes), safetensors weights
 
-Run from the checkout root: python -m training.train_shapes   (see --help; a loss log goes to --work)
+Run from the checkout root: python -m training.train_shapes   (see --help; a loss log goes to
+--work/loss.jsonl, one line per 50 steps). The shipped weights were made with the defaults, the decoder
+stage in a second process beside the UNet's (--stages classifier,vae,unet and --stages decoder, then
+--stages save).
 """
 
 from __future__ import annotations
@@ -278,11 +283,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--classifier-steps", type=int, default=1200)
     parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--decoder-steps", type=int, default=0)
+    parser.add_argument("--decoder-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--unet-stop", type=int, default=None,
+    # the shipped weights stopped at step 1000 of the 2500-step schedule: the time left on a shared CPU
+    parser.add_argument("--unet-stop", type=int, default=1000,
                         help="end the UNet's training after this many steps of its --unet-steps schedule")
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--latents", type=int, default=20000, help="training images the UNet sees")
