@@ -7,7 +7,7 @@ trained shapes classifier (training/shapes_classifier.py) scores them:
   and all three at once;
 - FD: the Frechet distance between the classifier's pooled features of the generated images and of real
   data-set images of the same prompts (lower is closer to the data), as FID does with Inception features;
-  the features are first projected on the 32 principal axes of the real features, so that a few hundred
+  the features are first projected on the 16 principal axes of the real features, so that a few hundred
   images estimate the covariances. The FD of a second draw of real images gives the floor.
 
 Run from the checkout root: python -m training.evaluate_sag   (writes benchmarks/RESULTS-shapes.md and
@@ -90,7 +90,7 @@ def features(classifier, images: torch.Tensor) -> np.ndarray:
 class FrechetJudge:
     """FD against a fixed set of real features, in the space of their `dims` principal axes."""
 
-    def __init__(self, real: np.ndarray, dims: int = 32):
+    def __init__(self, real: np.ndarray, dims: int = 16):
         self.mean = real.mean(0)
         _, _, vt = np.linalg.svd(real - self.mean, full_matrices=False)
         self.axes = vt[:dims].T  # (D, dims)
@@ -186,7 +186,7 @@ images per row, the same prompts and seeds in every row).
 The judge is the classifier trained with the model (training/shapes_classifier.py). Accuracies are the
 fraction of images whose shape, shape colour, background colour, or all three, the classifier reads as
 the prompt says (chance: 0.25, 0.125, 0.143, 0.0045). FD is the Frechet distance of the classifier's
-features (projected on the 32 principal axes of the real features) to real data-set images of the same
+features (projected on the 16 principal axes of the real features) to real data-set images of the same
 prompts; lower is closer. The first row is a second draw of real images: the floor FD can reach at this
 sample size. With {len(prompts) * args.seeds} images an accuracy has a standard error of about
 {0.5 / (len(prompts) * args.seeds) ** 0.5:.3f} at most.
@@ -208,9 +208,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS-shapes.md")
     parser.add_argument("--grid", type=Path, default=ROOT / "benchmarks" / "shapes-sag-grid.png")

@@ -287,8 +287,8 @@ def main(argv=None):
     parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
-    # the shipped weights stopped at step 1000 of the 2500-step schedule: the time left on a shared CPU
-    parser.add_argument("--unet-stop", type=int, default=1000,
+    # the shipped weights stopped at step 2000 of the 2500-step schedule: the time left on a shared CPU
+    parser.add_argument("--unet-stop", type=int, default=2000,
                         help="end the UNet's training after this many steps of its --unet-steps schedule")
     parser.add_argument("--unet-batch", type=int, default=32)
     parser.add_argument("--latents", type=int, default=20000, help="training images the UNet sees")
