@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.commands.common import add_model_arguments, backend_options
+from sagrt.runtime.commands.common import PICTURE_MODEL, add_model_arguments, backend_options
 from sagrt.runtime.schedulers import canonical_name
 from sagrt.serve.config import ServeConfig, parse_size
 
 
 def add_arguments(parser):
-    add_model_arguments(parser)
+    add_model_arguments(parser, default_model=PICTURE_MODEL)
     parser.add_argument("--scheduler", default=None, metavar="NAME",
                         help="default scheduler of requests that name none (default: the model's)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

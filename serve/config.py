@@ -30,7 +30,7 @@ def default_replica_name() -> str:
 class ServeConfig:
     """Model, limits and timings of one service process (every replica gets the same)."""
 
-    model: str = "tiny"
+    model: str = "shapes"
     backend: str = "auto"
     safety_checker: bool = True
     sag_layer: str | None = None  # None: the pipeline's default layer

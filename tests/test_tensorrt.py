@@ -871,7 +871,7 @@ def test_generate_with_tensorrt_backend_fails_before_any_work(capsys, tmp_path):
     from sagrt.runtime.cli import main
 
     out = tmp_path / "images"
-    assert main(["generate", "x", "--backend", "tensorrt", "--steps", "1", "--out", str(out)]) == 2
+    assert main(["generate", "--model", "tiny", "x", "--backend", "tensorrt", "--steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--backend tensorrt needs TensorRT and an NVIDIA GPU" in err
     assert "pip install 'sagrt[tensorrt]'" in err

@@ -13,15 +13,20 @@ from sagrt.runtime.pipeline import SAGConfig, SAGPipeline
 from sagrt.runtime.schedulers import make_scheduler, scheduler_names
 
 
-def add_model_argument(parser) -> None:
+# the trained preset: the default of the commands that make pictures (generate, compare, serve); the others
+# (export, build, parity, bench) default to tiny, the smallest model
+PICTURE_MODEL = "shapes"
+
+
+def add_model_argument(parser, default: str = "tiny") -> None:
     """--model, the same for every command."""
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    parser.add_argument("--model", default=default,
+                        help=f"preset (shapes, tiny, small, sd15) or a local diffusers folder (default: {default})")
 
 
-def add_model_arguments(parser, backend_choice=True):
+def add_model_arguments(parser, backend_choice=True, default_model: str = "tiny"):
     """--model, --backend and the backends' options (each backend refuses the options it does not take)."""
-    add_model_argument(parser)
+    add_model_argument(parser, default_model)
     if backend_choice:
         parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                             metavar="{" + ",".join(BACKEND_NAMES) + "}",
