@@ -12,7 +12,7 @@ from sagrt.export.attention import MID_BLOCK_LAYER, resolve_layer
 from sagrt.export.models import load_model
 from sagrt.runtime.runners import ModelInfo, TorchRunners
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "openvino", "auto")
 ONNXRUNTIME_OPTIONS = ("providers", "export_dir", "opset", "io_binding")
 
 
@@ -44,6 +44,10 @@ def load(model, backend: str = "torch", device=None, dtype=None, safety_checker=
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     backend = resolve_auto(backend)
+    if backend == "openvino":  # CPU, fp32 or bf16; never picked by auto (sagrt.engine.openvino_runner)
+        from sagrt.engine.openvino_runner import load_openvino
+
+        return load_openvino(model, device, dtype, safety_checker, sag_layer, **options)
     if backend == "onnxruntime":
         unknown = sorted(set(options) - set(ONNXRUNTIME_OPTIONS))
         if unknown:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sagrt.engine.openvino_runner import add_precision_argument
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import atomic_path
 from sagrt.export.attention import MID_BLOCK_LAYER
@@ -27,7 +28,8 @@ def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
                         help="onnxruntime execution providers, comma-separated: tensorrt, cuda, cpu "
                              "(default: the first installed of those)")
     parser.add_argument("--export-dir", default=None, metavar="DIR",
-                        help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
+                        help="onnxruntime, openvino: ONNX export folder to use (made there if empty; default: the cache)")
+    add_precision_argument(parser)  # openvino: fp32|bf16
     parser.add_argument("--device", default=None, help="torch device for the torch backend (default: cuda if present)")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
     parser.add_argument("--no-safety-checker", action="store_true",
@@ -82,7 +84,8 @@ def sag_config(args) -> SAGConfig:
 def backend_options(args, backend: str) -> dict:
     """Options of the chosen backend (resolved: not 'auto') given on the command line, for that backend only."""
     options = {"onnxruntime": {"providers": args.provider, "export_dir": args.export_dir},
-               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(backend, {})
+               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)},
+               "openvino": {"export_dir": args.export_dir, "precision": getattr(args, "precision", None)}}.get(backend, {})
     return {key: value for key, value in options.items() if value is not None}
 
 

@@ -1,0 +1,254 @@
+"""OpenVINO runners: the three calls of runtime.runners.Runners on OpenVINO's CPU plugin, from the same ONNX export
+ONNX Runtime runs, in fp32 or (on CPUs with bfloat16 instructions) bf16.
+
+bf16 is OpenVINO's inference precision hint: the graphs and their inputs and outputs stay float32, the CPU plugin
+runs the heavy layers (convolutions, matmuls) in bf16 and keeps Softmax and the reductions at a graph output in
+f32; attn_score therefore leaves the UNet in float32, computed in f32 from the SAG layer's f32 softmax
+(`sag_layer_precisions` reads that back from the compiled graph, and the tests check it).
+
+Compiled networks are cached beside the export (`openvino-<version>-<precision>/`, one blob per network with a
+manifest of hashes): a later load imports them instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sagrt.engine.onnxruntime_runner import NETWORKS, TORCH_DTYPES, OrtInputError, OrtRunners
+from sagrt.errors import SagrtError
+from sagrt.export import artifacts, specs
+from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.export.onnx_export import verify_export
+from sagrt.runtime.runners import ModelInfo
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # sagrt name -> OpenVINO INFERENCE_PRECISION_HINT
+BACKEND = "openvino"
+CACHE_KIND = "openvino-compiled"
+
+
+class OpenVinoError(SagrtError):
+    """OpenVINO missing, a precision this CPU cannot run, a graph this OpenVINO cannot read, or a damaged cache."""
+
+
+def parse_backend_spec(spec: str) -> tuple[str, str | None]:
+    """'openvino:bf16' -> ('openvino', 'bf16'); 'onnxruntime' -> ('onnxruntime', None). Only openvino takes a
+    precision after the colon (fp32 or bf16)."""
+    name, _, precision = spec.strip().partition(":")
+    if not precision:
+        return name, None
+    if name != BACKEND:
+        raise OpenVinoError(f"backend {spec!r}: only openvino takes a precision (openvino:fp32, openvino:bf16)")
+    if precision not in PRECISIONS:
+        raise OpenVinoError(f"backend {spec!r}: unknown precision {precision!r}, use {' or '.join(PRECISIONS)}")
+    return name, precision
+
+
+def add_precision_argument(parser) -> None:
+    """--precision of the commands that load a backend (generate, parity, compare)."""
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                        help="openvino backend: inference precision; bf16 needs a CPU with bfloat16 instructions "
+                             "(default: fp32)")
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.get_version().split("-")[0]
+
+
+def new_core():
+    try:
+        import openvino
+    except ImportError:
+        raise OpenVinoError('the openvino backend needs OpenVINO: pip install ".[openvino]"') from None
+    return openvino.Core()
+
+
+def check_precision(precision: str, capabilities) -> None:
+    """Refuses a precision the CPU cannot run (`capabilities`: the CPU plugin's OPTIMIZATION_CAPABILITIES)."""
+    if precision not in PRECISIONS:
+        raise OpenVinoError(f"unknown precision {precision!r} for openvino: use {' or '.join(PRECISIONS)}")
+    if precision == "bf16" and "BF16" not in capabilities:
+        raise OpenVinoError(f"this CPU has no bfloat16 support (OpenVINO reports {', '.join(capabilities)}): "
+                            f"use --precision fp32")
+
+
+def read_graph(core, path: Path):
+    """The ONNX graph as an OpenVINO model; a graph this OpenVINO cannot read is a one-line OpenVinoError."""
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise OpenVinoError(f"OpenVINO {openvino_version()} cannot read {path.name} ({reason[:200]}): upgrade it "
+                            f"(pip install -U openvino) or use --backend onnxruntime") from None
+
+
+def onnx_scope(layer: str) -> str:
+    """The name prefix torch.onnx.export gives the nodes of a UNet submodule:
+    'mid_block.attentions.0.transformer_blocks.0.attn1' -> '/unet/mid_block/attentions.0/transformer_blocks.0/attn1'."""
+    parts: list[str] = []
+    for part in layer.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/unet/" + "/".join(parts)
+
+
+class CompiledCache:
+    """Compiled networks of one export, precision and OpenVINO version: `<export>/openvino-<version>-<precision>/`
+    holds <network>.blob files and a manifest naming the export files they were compiled from, the CPU and each
+    blob's size and sha256. A blob that no longer matches its manifest is refused (delete the folder to recompile);
+    a cache for other export files or another CPU is recompiled."""
+
+    def __init__(self, export_dir: Path, export_manifest: dict, precision: str, files: dict[str, str], cpu: str):
+        self.folder = export_dir / f"openvino-{openvino_version()}-{precision}"
+        self.wanted = {"kind": CACHE_KIND, "openvino_version": openvino_version(), "precision": precision,
+                       "cpu": cpu,
+                       "sources": {name: entry["sha256"] for name, entry in export_manifest["files"].items()
+                                   if any(name == f or name.startswith(f"{f}.") for f in files.values())}}
+        self.manifest = self.read()
+
+    def read(self) -> dict | None:
+        """The cache manifest if it was made for this export, precision, OpenVINO and CPU, else None."""
+        manifest = artifacts.read_manifest(self.folder)
+        if manifest is None or artifacts.manifest_differences(manifest, self.wanted):
+            return None
+        entries = manifest.get("files", {})
+        for name, entry in sorted(entries.items()):
+            path = self.folder / name
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise OpenVinoError(f"compiled OpenVINO cache {path} is missing or truncated: delete {self.folder} "
+                                    f"(it is recompiled on the next load)")
+        digests = artifacts.recorded_sha256s(self.folder, sorted(entries))
+        for name, entry in sorted(entries.items()):
+            if digests[name] != entry["sha256"]:
+                raise OpenVinoError(f"compiled OpenVINO cache {self.folder / name} is corrupted (sha256 differs "
+                                    f"from its manifest): delete {self.folder} (it is recompiled on the next load)")
+        return manifest
+
+    def load(self, core, network: str, config: dict):
+        if self.manifest is None or f"{network}.blob" not in self.manifest["files"]:
+            return None
+        with open(self.folder / f"{network}.blob", "rb") as blob:
+            return core.import_model(blob.read(), "CPU", config)
+
+    def save(self, compiled: dict) -> None:
+        """Writes every blob atomically, then the manifest; best effort (a folder sagrt cannot write is skipped)."""
+        try:
+            self.folder.mkdir(exist_ok=True)
+            (self.folder / artifacts.MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new blobs
+            for network, model in compiled.items():
+                stream = io.BytesIO()
+                model.export_model(stream)
+                artifacts.write_bytes_atomic(self.folder / f"{network}.blob", stream.getvalue())
+            names = sorted(f"{network}.blob" for network in compiled)
+            digests = artifacts.recorded_sha256s(self.folder, names)
+            files = {name: {"sha256": digests[name], "bytes": (self.folder / name).stat().st_size} for name in names}
+            artifacts.write_manifest(self.folder, {**self.wanted, "files": files,
+                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except OSError:
+            return
+
+
+class OvRunners(OrtRunners):
+    """Runners over OpenVINO compilations of an export folder's graphs (see export.onnx_export). The three calls
+    are OrtRunners' (same graphs, same checks); only sessions and `run` differ."""
+
+    name = BACKEND
+
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", *, wanted: dict | None = None,
+                 model: str | None = None, threads: int | None = None, cache: bool = True):
+        """`precision`: fp32 or bf16 (OpenVINO's inference precision; the graphs are the fp32 export's).
+        `threads`: OpenVINO's inference threads (default: OpenVINO's choice). `cache`: import compiled networks
+        from, and save them to, the cache folder beside the export."""
+        from sagrt import __version__
+
+        core = new_core()
+        check_precision(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        self.export_dir, self.precision = Path(export_dir), precision
+        self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, "precision": "fp32",
+                                                        **(wanted or {})}, model)
+        self.info = ModelInfo(**self.manifest["model_info"])
+        self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name]) for name in NETWORKS}
+        self.map_downsamplings = self.manifest["sag_map_downsamplings"]
+        self.device, self.dtype, self.io_binding = torch.device("cpu"), torch.float32, False
+        self.files = {name: spec.filename for name, spec in self.specs.items()}  # portable graphs, no com.microsoft
+        self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        cpu = f"{core.get_property('CPU', 'FULL_DEVICE_NAME')} ({platform.machine()})"
+        self.cache = CompiledCache(self.export_dir, self.manifest, precision, self.files, cpu) if cache else None
+        self.compiled = {name: self.cache.load(core, name, self.config) if self.cache else None for name in NETWORKS}
+        fresh = {name: core.compile_model(read_graph(core, self.export_dir / self.files[name]), "CPU", self.config)
+                 for name, compiled in self.compiled.items() if compiled is None}
+        self.compiled.update(fresh)
+        if self.cache and fresh:
+            self.cache.save(self.compiled)
+        self.requests = {name: compiled.create_infer_request() for name, compiled in self.compiled.items()}
+
+    def run(self, network: str, feeds: dict[str, torch.Tensor], dims: dict[str, int],
+            outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Runs one network on `feeds` (cast to the graph's input dtypes); returns float32/int CPU tensors that own
+        their memory (the request's output buffers are reused by the next call)."""
+        spec = self.specs[network]
+        arrays = {t.name: np.ascontiguousarray(feeds[t.name].detach().cpu().to(TORCH_DTYPES[t.dtype]).numpy())
+                  for t in spec.inputs}
+        results = self.requests[network].infer(arrays)
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return {t.name: torch.from_numpy(np.array(by_name[t.name])) for t in spec.outputs
+                if outputs is None or t.name in outputs}
+
+    def sag_layer_precisions(self, sag_layer: str = MID_BLOCK_LAYER) -> dict[str, str]:
+        """{node name: runtime precision} of the compiled UNet's nodes for the SAG layer's softmax and the
+        attn_score output, read from OpenVINO's runtime graph."""
+        scope = onnx_scope(sag_layer)
+        found = {}
+        for op in self.compiled["unet"].get_runtime_model().get_ops():
+            name, info = op.get_friendly_name(), op.get_rt_info()
+            kind = info["layerType"].astype(str)
+            if (kind == "Softmax" and name.startswith(scope)) or name == "attn_score":
+                found[name] = info["runtimePrecision"].astype(str)
+        return found
+
+    def close(self) -> None:
+        self.requests, self.compiled = {}, {}
+
+
+OPTIONS = ("export_dir", "opset", "precision", "threads", "cache")
+
+
+def load_openvino(model, device=None, dtype=None, safety_checker=True, sag_layer=MID_BLOCK_LAYER, **options):
+    """OpenVINO runners over the model's fp32 ONNX export (made on first use, as for onnxruntime); returns what
+    runtime.backends.load returns. Options: `precision` fp32 (default) or bf16, `export_dir`, `opset`, `threads`,
+    `cache` (see OvRunners)."""
+    from sagrt.export.onnx_export import DEFAULT_OPSET, export_model
+    from sagrt.runtime.backends import saved_parts
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise OpenVinoError(f"backend openvino has no options {unknown}: it takes {', '.join(OPTIONS)}")
+    export_dir, opset, precision = options.get("export_dir"), options.get("opset"), options.get("precision")
+
+    if device is not None and torch.device(device).type != "cpu":
+        raise OpenVinoError(f"the openvino backend runs on the CPU, not {device}: drop --device or use "
+                            f"--backend tensorrt")
+    if dtype not in (None, torch.float32):
+        raise OpenVinoError(f"the openvino backend takes --precision fp32|bf16, not a torch dtype ({dtype})")
+    precision = precision or "fp32"
+    if precision not in PRECISIONS:  # fails before any export; the CPU's support is checked by OvRunners
+        raise OpenVinoError(f"unknown precision {precision!r} for openvino: use {' or '.join(PRECISIONS)}")
+    folder = export_model(model, export_dir, opset=opset or DEFAULT_OPSET, precision="fp32", sag_layer=sag_layer)
+    runners = OvRunners(folder, precision, model=str(model), threads=options.get("threads"),
+                        cache=options.get("cache", True))
+    return (runners, *saved_parts(folder, model, safety_checker, runners))
+
+
+__all__ = ["OvRunners", "OpenVinoError", "OrtInputError", "load_openvino", "parse_backend_spec", "check_precision",
+           "add_precision_argument", "PRECISIONS"]
