@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,76 @@ def onnx_scope(layer: str) -> str:
     return "/unet/" + "/".join(parts)
 
 
+DATA_MOVEMENT = ("Convert", "Unsqueeze", "Reshape", "Broadcast")  # ops that only move or cast their first input
+PHASE_NODE = "sagrt/timestep_phase"
+
+
+def phases_from_input(model) -> int:
+    """Rewires every Sin/Cos whose argument is input x constant, the input reaching the Multiply through data
+    movement only (the UNet's timestep embedding: timestep -> Expand to the batch -> Unsqueeze -> x frequencies),
+    to a new Multiply of the input itself by the constant. The CPU plugin keeps an elementwise node fed by a graph
+    input at the input's f32, but rounds the output of replaced data-movement nodes to bf16: a timestep of 999
+    would reach the embedding as 1000. The timestep is one value for the whole batch, so the phases are computed
+    at batch 1 and broadcast by the layers that add the embedding. Returns how many Sin/Cos were rewired."""
+    import openvino as ov
+
+    rewired, made = 0, {}
+    for op in [op for op in model.get_ops() if op.get_type_name() in ("Sin", "Cos")]:
+        product = op.input_value(0).get_node()
+        if product.get_type_name() != "Multiply":
+            continue
+        values = product.input_values()
+        constants = [v for v in values if v.get_node().get_type_name() == "Constant"]
+        source = next((v for v in values if v.get_node().get_type_name() != "Constant"), None)
+        while source is not None and source.get_node().get_type_name() in DATA_MOVEMENT:
+            source = source.get_node().input_value(0)
+        if len(constants) != 1 or source is None or source.get_node().get_type_name() != "Parameter":
+            continue
+        key = (source.get_node().get_friendly_name(), constants[0].get_node().get_friendly_name())
+        if key not in made:
+            made[key] = ov.opset13.multiply(source, constants[0])
+            made[key].set_friendly_name(f"{PHASE_NODE}_{len(made)}")
+        op.input(0).replace_source_output(made[key].output(0))
+        rewired += 1
+    if rewired:
+        model.validate_nodes_and_infer_types()
+    return rewired
+
+
+def periodic_inputs(model) -> set[str]:
+    """Names of the nodes that compute the arguments of the graph's Sin and Cos (the UNet's timestep embedding:
+    timestep x frequencies) from its inputs. In bf16 a timestep near 1000 times a frequency keeps 8 bits of
+    mantissa, a phase error of several radians, so these stay float32."""
+    names, stack = set(), [op for op in model.get_ops() if op.get_type_name() in ("Sin", "Cos")]
+    while stack:
+        op = stack.pop()
+        if op.get_type_name() in ("Constant", "Parameter") or op.get_friendly_name() in names:
+            continue
+        names.add(op.get_friendly_name())
+        stack.extend(value.get_node() for value in op.input_values())
+    return names
+
+
+def keep_float32(core, model, names: set[str], scratch: Path):
+    """`model` with OpenVINO's DisablePrecisionConversion runtime attribute on the nodes `names`, so the CPU plugin
+    runs them in f32 under a bf16 inference precision. Python cannot create that attribute; OpenVINO's IR reader
+    can: the model goes through an IR in `scratch` whose layers get the attribute."""
+    import openvino as ov
+    import xml.etree.ElementTree as ET
+
+    xml_path = scratch / "marked.xml"
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    tree = ET.parse(xml_path)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("name") in names:
+            rt_info = layer.find("rt_info")
+            if rt_info is None:
+                rt_info = ET.SubElement(layer, "rt_info")
+            ET.SubElement(rt_info, "attribute", name="DisablePrecisionConversion", version="0", value="dynamic:f16,bf16")
+    tree.write(xml_path)
+    return core.read_model(str(xml_path))
+
+
 class CompiledCache:
     """Compiled networks of one export, precision and OpenVINO version: `<export>/openvino-<version>-<precision>/`
     holds <network>.blob files and a manifest naming the export files they were compiled from, the CPU and each
@@ -186,12 +257,24 @@ class OvRunners(OrtRunners):
         cpu = f"{core.get_property('CPU', 'FULL_DEVICE_NAME')} ({platform.machine()})"
         self.cache = CompiledCache(self.export_dir, self.manifest, precision, self.files, cpu) if cache else None
         self.compiled = {name: self.cache.load(core, name, self.config) if self.cache else None for name in NETWORKS}
-        fresh = {name: core.compile_model(read_graph(core, self.export_dir / self.files[name]), "CPU", self.config)
-                 for name, compiled in self.compiled.items() if compiled is None}
+        fresh = {name: self.compile(core, name) for name, compiled in self.compiled.items() if compiled is None}
         self.compiled.update(fresh)
         if self.cache and fresh:
             self.cache.save(self.compiled)
         self.requests = {name: compiled.create_infer_request() for name, compiled in self.compiled.items()}
+
+    def compile(self, core, network: str):
+        """OpenVINO's compilation of one graph; under bf16 the UNet's timestep embedding stays float32."""
+        model = read_graph(core, self.export_dir / self.files[network])
+        names = set()
+        if self.precision == "bf16":
+            phases_from_input(model)
+            names = periodic_inputs(model)
+        if names:
+            with tempfile.TemporaryDirectory(prefix=".sagrt-openvino-") as scratch:
+                model = keep_float32(core, model, names, Path(scratch))
+                return core.compile_model(model, "CPU", self.config)
+        return core.compile_model(model, "CPU", self.config)
 
     def run(self, network: str, feeds: dict[str, torch.Tensor], dims: dict[str, int],
             outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -200,9 +283,8 @@ class OvRunners(OrtRunners):
         spec = self.specs[network]
         arrays = {t.name: np.ascontiguousarray(feeds[t.name].detach().cpu().to(TORCH_DTYPES[t.dtype]).numpy())
                   for t in spec.inputs}
-        results = self.requests[network].infer(arrays)
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        return {t.name: torch.from_numpy(np.array(by_name[t.name])) for t in spec.outputs
+        results = self.requests[network].infer(arrays)  # keyed by output port; a port may carry several names
+        return {t.name: torch.from_numpy(np.array(results[self.compiled[network].output(t.name)])) for t in spec.outputs
                 if outputs is None or t.name in outputs}
 
     def sag_layer_precisions(self, sag_layer: str = MID_BLOCK_LAYER) -> dict[str, str]:
