@@ -257,6 +257,7 @@ class OvRunners(OrtRunners):
         cpu = f"{core.get_property('CPU', 'FULL_DEVICE_NAME')} ({platform.machine()})"
         self.cache = CompiledCache(self.export_dir, self.manifest, precision, self.files, cpu) if cache else None
         self.compiled = {name: self.cache.load(core, name, self.config) if self.cache else None for name in NETWORKS}
+        self.imported = sorted(name for name, compiled in self.compiled.items() if compiled is not None)
         fresh = {name: self.compile(core, name) for name, compiled in self.compiled.items() if compiled is None}
         self.compiled.update(fresh)
         if self.cache and fresh:
