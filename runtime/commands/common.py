@@ -15,7 +15,7 @@ from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.pipeline import SAGConfig
 from sagrt.runtime.schedulers import scheduler_names
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # bf16: torch on CPU
 
 
 def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
