@@ -57,6 +57,13 @@ def add_precision_argument(parser) -> None:
                              "(default: fp32)")
 
 
+def precision_belongs_to_openvino(backend: str, precision: str | None) -> None:
+    """--precision names OpenVINO's inference precision: refused with any other backend."""
+    if precision is not None and backend != BACKEND:
+        raise OpenVinoError(f"--precision is the openvino backend's (fp32|bf16), not {backend}'s: add --backend "
+                            f"openvino, or use --dtype for the torch backend")
+
+
 def openvino_version() -> str:
     import openvino
 

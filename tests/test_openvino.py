@@ -2,6 +2,7 @@
 the SAG signal's precision under bf16, the compiled cache, and one-line errors for what a user can get wrong."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -227,6 +228,8 @@ def test_bad_backend_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--backend", "openvino", "--precision", "fp16"])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert main(["generate", "--backend", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "--precision is the openvino backend's" in one_line_error(capsys)
 
 
 def test_backend_specs_and_auto():
@@ -248,3 +251,19 @@ def test_parity_command_openvino_fp32_passes(ov_export, capsys):
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert code == 0 and len(rows) == 3 and out.strip().endswith(": ok")
     assert all(float(row[2]) <= 1e-4 and float(row[4]) <= 1e-3 for row in rows)
+
+
+@needs_bf16
+def test_parity_command_holds_bf16_to_eager_bf16(ov_export, capsys):
+    code = main(["parity", "--model", "tiny", "--export-dir", str(ov_export), "--backends", "openvino,torch",
+                 "--precision", "bf16", "--steps", "8", "--height", "64", "--width", "64", "--num-images", "1",
+                 "--psnr-seeds", "0,1"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 8 and out.startswith("openvino (bf16) against torch")
+    eager = re.search(r"eager bf16 against torch: .* (\d+) mask position\(s\) differ; image PSNR ([\d.]+) dB", out)
+    ours = re.search(r"openvino \(bf16\): .* image PSNR ([\d.]+) dB \(bound: at least eager bf16's ([\d.]+) dB\): "
+                     r"(ok|FAIL)", out)
+    assert eager and ours and ours.group(2) == eager.group(2), out
+    passed = float(ours.group(1)) >= float(eager.group(2))
+    assert (code, ours.group(3)) == ((0, "ok") if passed else (1, "FAIL"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sagrt.engine.openvino_runner import precision_belongs_to_openvino
 from sagrt.errors import SagrtError
 
 from sagrt.runtime.commands.common import (add_model_arguments, add_sampling_arguments, load_pipeline, sag_config,
@@ -30,6 +31,7 @@ def generate(pipe, args, sag):
 
 def run(args) -> int:
     sag = sag_config(args)
+    precision_belongs_to_openvino(args.backend, args.precision)
     if args.num_images < 1:
         raise SagrtError(f"--num-images must be >= 1, got {args.num_images}")
     created = not Path(args.out).exists()
