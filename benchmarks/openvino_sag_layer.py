@@ -75,7 +75,8 @@ def main() -> int:
             noise_ref, score_ref = reference.unet(sample, t, context)
         for name, net in nets.items():
             out = net([sample.numpy(), np.array([t], np.float32), context.numpy()])
-            noise, score = torch.from_numpy(out[net.output("noise_pred")]), torch.from_numpy(out[net.output("attn_score")])
+            noise = torch.from_numpy(out[net.output("noise_pred")])
+            score = torch.from_numpy(out[net.output("attn_score")])
             stats[name][0] += int(((score > 1.0) != (score_ref > 1.0)).sum())
             stats[name][1] += score.numel()
             stats[name][2].append(relative_error(score, score_ref))

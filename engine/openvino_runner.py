@@ -4,7 +4,9 @@ ONNX Runtime runs, in fp32 or (on CPUs with bfloat16 instructions) bf16.
 bf16 is OpenVINO's inference precision hint: the graphs and their inputs and outputs stay float32, the CPU plugin
 runs the heavy layers (convolutions, matmuls) in bf16 and keeps Softmax and the reductions at a graph output in
 f32; attn_score therefore leaves the UNet in float32, computed in f32 from the SAG layer's f32 softmax
-(`sag_layer_precisions` reads that back from the compiled graph, and the tests check it).
+(`sag_layer_precisions` reads that back from the compiled graph, and the tests check it). sagrt adds one thing:
+the timestep embedding's phases (timestep x frequencies) stay f32 (`phases_from_input`, `keep_float32`).
+Measurements behind both choices: benchmarks/RESULTS-openvino.md.
 
 Compiled networks are cached beside the export (`openvino-<version>-<precision>/`, one blob per network with a
 manifest of hashes): a later load imports them instead of compiling again.
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sagrt.engine.onnxruntime_runner import NETWORKS, TORCH_DTYPES, OrtInputError, OrtRunners
+from sagrt.engine.onnxruntime_runner import NETWORKS, TORCH_DTYPES, OrtRunners
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
 from sagrt.export.attention import MID_BLOCK_LAYER
@@ -111,6 +113,7 @@ def onnx_scope(layer: str) -> str:
 
 DATA_MOVEMENT = ("Convert", "Unsqueeze", "Reshape", "Broadcast")  # ops that only move or cast their first input
 PHASE_NODE = "sagrt/timestep_phase"
+KEEP_PRECISION = "dynamic:f16,bf16"  # DisablePrecisionConversion: from any type to f16 or bf16 (the CPU checks f16)
 
 
 def phases_from_input(model) -> int:
@@ -174,7 +177,7 @@ def keep_float32(core, model, names: set[str], scratch: Path):
             rt_info = layer.find("rt_info")
             if rt_info is None:
                 rt_info = ET.SubElement(layer, "rt_info")
-            ET.SubElement(rt_info, "attribute", name="DisablePrecisionConversion", version="0", value="dynamic:f16,bf16")
+            ET.SubElement(rt_info, "attribute", name="DisablePrecisionConversion", version="0", value=KEEP_PRECISION)
     tree.write(xml_path)
     return core.read_model(str(xml_path))
 
@@ -295,10 +298,10 @@ class OvRunners(OrtRunners):
         return {t.name: torch.from_numpy(np.array(results[self.compiled[network].output(t.name)])) for t in spec.outputs
                 if outputs is None or t.name in outputs}
 
-    def sag_layer_precisions(self, sag_layer: str = MID_BLOCK_LAYER) -> dict[str, str]:
+    def sag_layer_precisions(self) -> dict[str, str]:
         """{node name: runtime precision} of the compiled UNet's nodes for the SAG layer's softmax and the
         attn_score output, read from OpenVINO's runtime graph."""
-        scope = onnx_scope(sag_layer)
+        scope = onnx_scope(self.manifest["sag_layer"]) + "/"
         found = {}
         for op in self.compiled["unet"].get_runtime_model().get_ops():
             name, info = op.get_friendly_name(), op.get_rt_info()
@@ -324,21 +327,16 @@ def load_openvino(model, device=None, dtype=None, safety_checker=True, sag_layer
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise OpenVinoError(f"backend openvino has no options {unknown}: it takes {', '.join(OPTIONS)}")
-    export_dir, opset, precision = options.get("export_dir"), options.get("opset"), options.get("precision")
-
     if device is not None and torch.device(device).type != "cpu":
         raise OpenVinoError(f"the openvino backend runs on the CPU, not {device}: drop --device or use "
                             f"--backend tensorrt")
     if dtype not in (None, torch.float32):
         raise OpenVinoError(f"the openvino backend takes --precision fp32|bf16, not a torch dtype ({dtype})")
-    precision = precision or "fp32"
-    if precision not in PRECISIONS:  # fails before any export; the CPU's support is checked by OvRunners
-        raise OpenVinoError(f"unknown precision {precision!r} for openvino: use {' or '.join(PRECISIONS)}")
-    folder = export_model(model, export_dir, opset=opset or DEFAULT_OPSET, precision="fp32", sag_layer=sag_layer)
+    precision = options.get("precision") or "fp32"
+    check_precision(precision, new_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))  # before any export
+    folder = export_model(model, options.get("export_dir"), opset=options.get("opset") or DEFAULT_OPSET,
+                          precision="fp32", sag_layer=sag_layer)
     runners = OvRunners(folder, precision, model=str(model), threads=options.get("threads"),
                         cache=options.get("cache", True))
     return (runners, *saved_parts(folder, model, safety_checker, runners))
 
-
-__all__ = ["OvRunners", "OpenVinoError", "OrtInputError", "load_openvino", "parse_backend_spec", "check_precision",
-           "add_precision_argument", "PRECISIONS"]

@@ -107,7 +107,8 @@ def test_timestep_phase_rewiring_changes_no_value(ov_export):
 # ---- bf16: the SAG signal and the honest bound ----------------------------------------------------
 @needs_bf16
 def test_bf16_keeps_the_sag_signal_in_float32(tiny, ov_bf16):
-    runtime = {op.get_friendly_name(): op.get_rt_info() for op in ov_bf16.compiled["unet"].get_runtime_model().get_ops()}
+    ops = ov_bf16.compiled["unet"].get_runtime_model().get_ops()
+    runtime = {op.get_friendly_name(): op.get_rt_info() for op in ops}
     kinds = {(info["layerType"].astype(str), info["runtimePrecision"].astype(str)) for info in runtime.values()}
     assert ("Convolution", "bf16") in kinds  # bf16 is really on
     precisions = ov_bf16.sag_layer_precisions()
