@@ -89,14 +89,28 @@ def check_precision(precision: str, capabilities) -> None:
                             f"use --precision fp32")
 
 
+def reason(err: Exception) -> str:
+    """What an OpenVINO exception says went wrong: its last non-empty line (the lines above name source files)."""
+    lines = [line.strip().lstrip("- ").strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
 def read_graph(core, path: Path):
     """The ONNX graph as an OpenVINO model; a graph this OpenVINO cannot read is a one-line OpenVinoError."""
     try:
         return core.read_model(str(path))
     except RuntimeError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise OpenVinoError(f"OpenVINO {openvino_version()} cannot read {path.name} ({reason[:200]}): upgrade it "
+        raise OpenVinoError(f"OpenVINO {openvino_version()} cannot read {path.name} ({reason(err)}): upgrade it "
                             f"(pip install -U openvino) or use --backend onnxruntime") from None
+
+
+def compile_graph(core, model, config: dict, filename: str):
+    try:
+        return core.compile_model(model, "CPU", config)
+    except RuntimeError as err:
+        raise OpenVinoError(f"OpenVINO {openvino_version()} cannot compile {filename} for this CPU "
+                            f"({reason(err)}): upgrade it (pip install -U openvino) or use --backend "
+                            f"onnxruntime") from None
 
 
 def onnx_scope(layer: str) -> str:
@@ -218,7 +232,11 @@ class CompiledCache:
         if self.manifest is None or f"{network}.blob" not in self.manifest["files"]:
             return None
         with open(self.folder / f"{network}.blob", "rb") as blob:
-            return core.import_model(blob.read(), "CPU", config)
+            try:
+                return core.import_model(blob.read(), "CPU", config)
+            except RuntimeError as err:
+                raise OpenVinoError(f"this OpenVINO cannot import the compiled cache {network}.blob ({reason(err)}): "
+                                    f"delete {self.folder} (it is recompiled on the next load)") from None
 
     def save(self, compiled: dict) -> None:
         """Writes every blob atomically, then the manifest; best effort (a folder sagrt cannot write is skipped)."""
@@ -284,8 +302,8 @@ class OvRunners(OrtRunners):
         if names:
             with tempfile.TemporaryDirectory(prefix=".sagrt-openvino-") as scratch:
                 model = keep_float32(core, model, names, Path(scratch))
-                return core.compile_model(model, "CPU", self.config)
-        return core.compile_model(model, "CPU", self.config)
+                return compile_graph(core, model, self.config, self.files[network])
+        return compile_graph(core, model, self.config, self.files[network])
 
     def run(self, network: str, feeds: dict[str, torch.Tensor], dims: dict[str, int],
             outputs: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -185,6 +185,22 @@ def test_corrupt_compiled_cache_is_one_line_exit_2(ov_export, ov_fp32, tmp_path,
     assert not (tmp_path / "images").exists()
 
 
+def test_cache_this_openvino_cannot_import_is_one_line_exit_2(ov_export, ov_fp32, tmp_path, capsys):
+    """A blob whose hash matches its manifest but that OpenVINO refuses (as one from another build would be)."""
+    folder = tmp_path / "export"
+    shutil.copytree(ov_export, folder)
+    cache = folder / ov_fp32.cache.folder.name
+    (cache / "vae_decoder.blob").write_bytes(b"not a compiled network " * 100)
+    manifest = artifacts.read_manifest(cache)
+    manifest["files"]["vae_decoder.blob"] = {"sha256": artifacts.sha256_file(cache / "vae_decoder.blob"),
+                                             "bytes": (cache / "vae_decoder.blob").stat().st_size}
+    artifacts.write_manifest(cache, manifest)
+    assert generate(folder, tmp_path) == 2
+    err = one_line_error(capsys)
+    assert "cannot import the compiled cache vae_decoder.blob ([CPU] Cannot import compiled blob" in err
+    assert f"delete {cache}" in err and not (tmp_path / "images").exists()
+
+
 def test_graph_openvino_cannot_read_is_one_line_exit_2(ov_export, tmp_path, capsys):
     """A graph with an operator this OpenVINO does not know (as a graph from a newer exporter would be)."""
     import onnx
@@ -204,7 +220,8 @@ def test_graph_openvino_cannot_read_is_one_line_exit_2(ov_export, tmp_path, caps
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert generate(folder, tmp_path) == 2
     err = one_line_error(capsys)
-    assert "cannot read text_encoder.onnx" in err and "pip install -U openvino" in err
+    assert "cannot read text_encoder.onnx (No conversion rule found for operations: " in err
+    assert "ai.sagrt.future.SagrtFutureOp" in err and "pip install -U openvino" in err
     assert not (tmp_path / "images").exists() and not list(folder.glob("openvino-*"))
 
 
