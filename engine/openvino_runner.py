@@ -52,6 +52,13 @@ def parse_backend_spec(spec: str) -> tuple[str, str | None]:
     return name, precision
 
 
+def spec_load_options(spec: str) -> tuple[str, dict]:
+    """(backend name, its from_pretrained options) of a backend spec: 'openvino:bf16' -> ('openvino',
+    {'precision': 'bf16'}); what `sagrt bench --backends` loads each entry with."""
+    name, precision = parse_backend_spec(spec)
+    return name, ({"precision": precision} if precision else {})
+
+
 def add_precision_argument(parser) -> None:
     """--precision of the commands that load a backend (generate, parity, compare)."""
     parser.add_argument("--precision", default=None, choices=list(PRECISIONS),

@@ -12,7 +12,8 @@ pytest.importorskip("openvino", reason='the openvino backend needs OpenVINO (pip
 
 from conftest import relative_error  # noqa: E402
 from sagrt.engine.openvino_runner import (OpenVinoError, OvRunners, check_precision, new_core,  # noqa: E402
-                                          parse_backend_spec, phases_from_input, read_graph)
+                                          parse_backend_spec, phases_from_input, read_graph,
+                                          spec_load_options)
 from sagrt.export import artifacts  # noqa: E402
 from sagrt.runtime import SAGPipeline  # noqa: E402
 from sagrt.runtime.backends import resolve_auto  # noqa: E402
@@ -254,6 +255,8 @@ def test_backend_specs_and_auto():
     assert parse_backend_spec("openvino:bf16") == ("openvino", "bf16")
     assert parse_backend_spec(" openvino ") == ("openvino", None)
     assert parse_backend_spec("onnxruntime") == ("onnxruntime", None)
+    assert spec_load_options("openvino:bf16") == ("openvino", {"precision": "bf16"})
+    assert spec_load_options("torch") == ("torch", {})
     with pytest.raises(OpenVinoError, match="only openvino takes a precision"):
         parse_backend_spec("onnxruntime:bf16")
     with pytest.raises(OpenVinoError, match="unknown precision 'fp8'"):
