@@ -54,17 +54,7 @@ def test_numbers_are_sane(bench_run, backend):
     assert row["unet_ms_per_step"] <= row["step_ms"]
     assert 0 <= row["loop_overhead"] < 1
     assert STEPS * row["step_ms"] / 1e3 + (row["text_ms"] + row["vae_ms"]) / 1e3 <= row["end_to_end_s"] * 1.001
-    assert row["sag_overhead"] == pytest.approx(row["step_ms"] / row["cfg_step_ms"])
     assert row["peak_rss_mb"] > 100  # python + torch + the model, measured in its own process
-
-
-def test_ratios_are_against_the_baseline_of_the_same_run(bench_run):
-    rows = rows_by_backend(bench_run[0])
-    base, ours = rows[BASELINE], rows["torch"]
-    assert base["speedup_end_to_end"] == 1.0 and base["memory_ratio"] == 1.0
-    assert ours["speedup_end_to_end"] == pytest.approx(base["end_to_end_s"] / ours["end_to_end_s"])
-    assert ours["speedup_step"] == pytest.approx(base["step_ms"] / ours["step_ms"])
-    assert ours["memory_ratio"] == pytest.approx(ours["peak_rss_mb"] / base["peak_rss_mb"])
 
 
 def test_torch_backend_matches_the_baseline(bench_run):

@@ -47,7 +47,6 @@ def test_generate_options(tmp_path, capsys):
     (["--scheduler", "nope"], "unknown scheduler"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--num-images", "0"], "--num-images"),
-    (["--sag-window", "0.8:0.2"], "window"),
 ])
 def test_generate_bad_input(tmp_path, capsys, args, message):
     out_dir = tmp_path / "never"

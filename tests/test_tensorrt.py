@@ -266,13 +266,6 @@ def test_shape_check_refuses_missing_inputs_and_wrong_rank(export_dir, tmp_path)
 
 
 # ---- dtypes, outputs, progress -------------------------------------------------------------------------
-@pytest.mark.parametrize("name, dtype", [("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
-                                         ("INT32", torch.int32), ("INT64", torch.int64), ("BOOL", torch.bool),
-                                         ("INT8", torch.int8), ("UINT8", torch.uint8)])
-def test_dtype_table(name, dtype):
-    assert torch_dtype(SimpleNamespace(name=name)) is dtype
-
-
 def test_dtype_table_refuses_unbindable_types():
     assert set(TRT_TO_TORCH) >= {"FLOAT", "HALF", "INT32"}
     with pytest.raises(EngineError, match="TensorRT dtype FP8 has no torch equivalent"):
