@@ -78,13 +78,15 @@ def test_generate_missing_component_and_unwritable_out(tmp_path, capsys):
 def test_ctrl_c_exits_130_in_one_line_and_writes_no_image(tmp_path):
     """SIGINT (Ctrl-C) in the middle of the denoising loop: exit status 130, one 'interrupted' line, no image."""
     import signal
+    import time
 
     from conftest import CliProcess
 
     run = CliProcess("generate", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
-    run.wait_for("denoise:")  # the loop's progress bar: the model is loaded and steps are running
+    run.wait_for("denoise:")  # the loop's progress bar: the model is loaded and steps are starting
+    time.sleep(1.0)  # well inside the loop
     run.process.send_signal(signal.SIGINT)
-    assert run.finish() == 130
+    assert run.finish() == 130, run.stderr
     lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.startswith("sagrt")]
     assert lines == ["sagrt generate: interrupted"], run.stderr
     assert "Traceback" not in run.stderr
