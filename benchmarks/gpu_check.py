@@ -6,7 +6,7 @@ parity of the tensorrt backend against the torch backend on CUDA, and the timing
 sd15 is the full SD 1.5 architecture with seeded random weights (nothing is downloaded). Each step
 runs when its requirements are met and is otherwise recorded as skipped with the reason; the rest
 still runs. Every figure in the table and the JSON was measured by this run, none is estimated.
-Parity bound (DESIGN.md): fp16 engines vs torch fp16, image PSNR >= 30 dB, same seed and steps.
+Parity bound (docs/design.md): fp16 engines vs torch fp16, image PSNR >= 30 dB, same seed and steps.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def loop_profile(model: str, height: int, width: int, steps: int = 5, backend: s
 
 
 def _loop_profile(model: str, height: int, width: int, steps: int, backend: str) -> dict:
-    from sagrt.runtime.benchmark import PROMPT
+    from sagrt.bench import PROMPT
     from sagrt.runtime.pipeline import SAGPipeline
 
     pipe = SAGPipeline.from_pretrained(model, backend=backend, device="cpu", safety_checker=False)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
-from sagrt.runtime.benchmark import BASELINE, BenchConfig, markdown, run_bench
+from sagrt.bench import BASELINE, BenchConfig, markdown, run_bench
 
 HERE = Path(__file__).resolve().parent
 PROFILE = "profile"  # the operator and loop profiles (benchmarks/profile_step.py), a run name for --only

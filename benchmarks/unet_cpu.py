@@ -87,7 +87,7 @@ def benchmark(work: Path) -> None:
     from sagrt.engine.onnxruntime_runner import OrtRunners
     from sagrt.export.models import build_preset
     from sagrt.export.onnx_export import export_model
-    from sagrt.runtime.runners import TorchRunners
+    from sagrt.runtime.torch_runners import TorchRunners
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""ONNX Runtime runners: the three calls of runtime.runners.Runners on the sessions of one export folder.
+"""ONNX Runtime runners: the three calls of sagrt.runners.Runners on the sessions of one export folder.
 
 Execution providers come in the order TensorRT EP, CUDA EP, CPU (those installed), or as named. On CUDA,
 inputs and outputs are bound to torch tensors on the device (I/O binding), so nothing crosses to the host;
@@ -12,18 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sagrt import __version__
 from sagrt.errors import SagrtError
-from sagrt.export import specs
-from sagrt.export.onnx_export import PRECISIONS, verify_export
-from sagrt.runtime.runners import ModelInfo, Runners
+from sagrt.export import artifacts, specs
+from sagrt.export.onnx_export import ExportError, verify_export
+from sagrt.networks import DTYPE_NAMES, NETWORKS, PRECISIONS, TORCH_DTYPES
+from sagrt.runners import ModelInfo, Runners
 
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}
-NETWORKS = ("text_encoder", "unet", "vae_decoder")
 
 
 class ProviderError(SagrtError):
@@ -72,10 +71,10 @@ def session_options(on_gpu: bool, graph_optimization: str = "all", intra_op_thre
     if not on_gpu:
         # ORT's workers spin between the nodes of a run (fast hand-over on graphs of many small nodes) and,
         # by default, for a while after it, which steals the cores from the torch ops between engine calls
-        # (SAG blur, scheduler step: 2.6x slower tiny steps measured); stop the spinning when a run ends.
+        # (SAG blur, scheduler step); stop the spinning when a run ends (docs/NOTES.md has the measurement).
         options.add_session_config_entry("session.force_spinning_stop", "1")
-        # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it,
-        # small 256x256 peak RSS fell from 1.51x to 1.17x the eager baseline and steps got faster.
+        # The memory pattern pre-plans one block per input shape (the UNet runs at B and 2B): without it
+        # peak memory is lower and steps are faster (benchmarks/RESULTS.md).
         options.enable_mem_pattern = False
     return options
 
@@ -92,6 +91,7 @@ class OrtRunners(Runners):
     """Runners over the ONNX Runtime sessions of an export folder (see export.onnx_export)."""
 
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads; each call binds its own I/O
 
     def __init__(self, export_dir: str | Path, providers=None, *, device_id: int = 0, io_binding: bool | None = None,
                  wanted: dict | None = None, model: str | None = None, graph_optimization: str = "all",
@@ -99,28 +99,42 @@ class OrtRunners(Runners):
         """`wanted`: manifest values the export must have; `model`: named in the redo command of errors.
         `fused_attention`: on the CPU and CUDA providers run the export's UNet graph with fused attention
         (com.microsoft MultiHeadAttention); the TensorRT provider always runs the portable unet.onnx."""
-        import onnxruntime as ort
-
-        from sagrt import __version__
-
         self.export_dir = Path(export_dir)
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, **(wanted or {})}, model)
-        self.info = ModelInfo(**self.manifest["model_info"])
-        self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
-                      for name in NETWORKS}
-        self.map_downsamplings = self.manifest["sag_map_downsamplings"]
+        try:
+            self.info = ModelInfo(**self.manifest["model_info"])
+            self.specs = {name: specs.NetworkSpec.from_table(name, self.manifest["networks"][name])
+                          for name in NETWORKS}
+            self.map_downsamplings = int(self.manifest["sag_map_downsamplings"])
+            self.dtype = PRECISIONS[self.manifest["precision"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ExportError(f"the manifest in {self.export_dir} is malformed ({type(err).__name__}: {err}): "
+                              f"export it again with --force") from None
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if on_gpu else torch.device("cpu")
-        self.dtype = PRECISIONS[self.manifest["precision"]]
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = session_options(on_gpu, graph_optimization, intra_op_threads)
         self.files = {name: spec.filename for name, spec in self.specs.items()}
         self.files["unet"] = unet_graph(self.manifest, self.providers, fused_attention)
         provider_list = [(name, self.provider_options(name, device_id)) for name in self.providers]
-        self.sessions = {name: ort.InferenceSession(str(self.export_dir / filename), options, providers=provider_list)
+        self.sessions = {name: self.open_session(filename, options, provider_list)
                          for name, filename in self.files.items()}
+
+    def open_session(self, filename: str, options, provider_list):
+        """An InferenceSession over one graph of the export (a file its manifest lists, checked to be inside)."""
+        import onnxruntime as ort
+
+        if filename not in self.manifest["files"]:
+            raise ExportError(f"{filename} is not a file of the export in {self.export_dir}: export it again")
+        path = artifacts.member(self.export_dir, filename)
+        try:
+            return ort.InferenceSession(str(path), options, providers=provider_list)
+        except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph...) share no base class
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"ONNX Runtime cannot load {filename} from {self.export_dir} ({reason}): export it "
+                              f"again with --force") from None
 
     def provider_options(self, provider: str, device_id: int) -> dict:
         if provider == "TensorrtExecutionProvider":
@@ -148,12 +162,12 @@ class OrtRunners(Runners):
         binding = session.io_binding()
         device_type, device_index = self.device.type, self.device.index or 0
         for name, tensor in feeds.items():
-            binding.bind_input(name, device_type, device_index, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
+            binding.bind_input(name, device_type, device_index, np.dtype(DTYPE_NAMES[tensor.dtype]).type, tuple(tensor.shape),
                                tensor.data_ptr())
         results = {}
         for t in wanted:
             out = torch.empty(shapes[t.name], dtype=TORCH_DTYPES[t.dtype], device=self.device)
-            binding.bind_output(t.name, device_type, device_index, NUMPY_DTYPES[out.dtype], tuple(out.shape),
+            binding.bind_output(t.name, device_type, device_index, np.dtype(DTYPE_NAMES[out.dtype]).type, tuple(out.shape),
                                 out.data_ptr())
             results[t.name] = out
         if device_type == "cuda":

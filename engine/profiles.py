@@ -16,7 +16,9 @@ from typing import Callable
 from sagrt.errors import SagrtError
 from sagrt.export.specs import NetworkSpec, TensorSpec
 
-PRECISIONS = ("fp16", "fp32")
+ENGINE_PRECISIONS = ("fp16", "fp32")  # TensorRT engines; the SAG score stays float32
+# what sagrt puts in an engine besides the config: 2 = two UNet profiles (B and 2B); a change rebuilds
+ENGINE_LAYOUT = 2
 OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT builder optimisation levels 0..5 (3 is TensorRT's default)
 
 
@@ -85,8 +87,8 @@ class BuildConfig:
     timing_cache: str | None = None  # file; not part of the cache key (it changes build time, not the engine)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise BuildConfigError(f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise BuildConfigError(f"precision {self.precision!r} must be one of {', '.join(ENGINE_PRECISIONS)}")
         if self.optimization_level not in OPTIMIZATION_LEVELS:
             raise BuildConfigError(f"builder optimisation level {self.optimization_level} must be 0..5")
         if self.workspace_gib is not None and not self.workspace_gib > 0:
@@ -132,7 +134,8 @@ class BuildConfig:
 
 def cache_key(config: BuildConfig, tensorrt_version: str, onnx_sha256: dict[str, str], gpu: dict) -> str:
     """Names an engine build: same key, same engines. The timing cache only changes build time."""
-    payload = {"config": {**config.to_dict(), "timing_cache": None}, "tensorrt": tensorrt_version,
+    payload = {"layout": ENGINE_LAYOUT, "config": {**config.to_dict(), "timing_cache": None},
+               "tensorrt": tensorrt_version,
                "onnx": dict(sorted(onnx_sha256.items())), "gpu": gpu}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -148,15 +151,16 @@ def network_inputs(export_manifest: dict, network: str) -> tuple[TensorSpec, ...
     return NetworkSpec.from_table(network, export_manifest["networks"][network]).inputs
 
 
-def network_dims(network: str, config: BuildConfig, scale: int) -> dict[str, Range]:
-    """Range of each symbolic dimension (B, H, W) of one network's inputs for a resolved config."""
+def network_dims(network: str, config: BuildConfig, scale: int) -> list[dict[str, Range]]:
+    """Ranges of the symbolic dimensions (B, H, W) of one network's inputs, one dict per optimisation profile."""
     latent = {"H": _latent(config.height, scale), "W": _latent(config.width, scale)}
     if network == "unet":
-        # one SAG step calls the UNet at 2B (CFG pass) and at B (degraded pass); opt is the CFG pass
+        # one SAG step calls the UNet at 2B (CFG pass) and at B (degraded pass): two profiles over the same
+        # range, each tuned (opt) for one of the two batches; a call picks the one tuned for its own batch
         b = config.batch
-        return {"B": Range(b.min, 2 * b.opt, 2 * b.max), **latent}
+        return [{"B": Range(b.min, 2 * b.opt, 2 * b.max), **latent}, {"B": Range(b.min, b.opt, 2 * b.max), **latent}]
     # the text encoder sees one prompt list at a time, the VAE one image when slicing: both from 1
-    return {"B": Range(1, config.batch.opt, config.batch.max), **latent}
+    return [{"B": Range(1, config.batch.opt, config.batch.max), **latent}]
 
 
 def _latent(size: Range, scale: int) -> Range:
@@ -172,10 +176,30 @@ def input_profile(inputs: tuple[TensorSpec, ...], dims: dict[str, Range]) -> dic
             for spec in inputs}
 
 
-def build_profiles(export_manifest: dict, config: BuildConfig, scale: int) -> dict[str, dict]:
-    """The optimisation profile of every exported network, for a resolved config."""
-    return {network: input_profile(network_inputs(export_manifest, network), network_dims(network, config, scale))
+def build_profiles(export_manifest: dict, config: BuildConfig, scale: int) -> dict[str, list[dict]]:
+    """The optimisation profiles of every exported network (a list each, in engine order), for a resolved config."""
+    return {network: [input_profile(network_inputs(export_manifest, network), dims)
+                      for dims in network_dims(network, config, scale)]
             for network in export_manifest["networks"]}
+
+
+def pick_profile(profiles: list[dict], shapes: dict[str, tuple]) -> int:
+    """Index of the profile a call runs in: among those covering its shapes, the one whose opt shapes are
+    nearest (the UNet's B call gets the profile tuned for B, its 2B call the one tuned for 2B); ties go to
+    the first. -1 when none covers the call."""
+    best, best_distance = -1, None
+    for index, profile in enumerate(profiles):
+        if not all(name in shapes and _inside(tuple(shapes[name]), low, high)
+                   for name, (low, _, high) in profile.items()):
+            continue
+        distance = sum(abs(s - o) for name, (_, opt, _) in profile.items() for s, o in zip(shapes[name], opt))
+        if best_distance is None or distance < best_distance:
+            best, best_distance = index, distance
+    return best
+
+
+def _inside(shape: tuple, low, high) -> bool:
+    return len(shape) == len(low) and all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
 
 
 # ---- shape check -------------------------------------------------------------------------------
@@ -186,7 +210,7 @@ def check_shapes(network: str, shapes: dict[str, tuple], profile: dict[str, list
         if name not in shapes:
             raise ProfileError(f"TensorRT engine {network}: input {name!r} missing (got {sorted(shapes)})")
         shape = tuple(shapes[name])
-        if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+        if not _inside(shape, low, high):
             raise ProfileError(f"TensorRT engine {network}: {name} shape {shape} is outside the built profile "
                                f"{tuple(low)}..{tuple(high)}; rebuild with ranges that cover it: {rebuild()}")
 

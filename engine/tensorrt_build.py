@@ -1,9 +1,9 @@
 """ONNX -> TensorRT engines for the GPU at hand, with the TensorRT Python API (no shelling out).
 
-One engine per exported network (unet, text_encoder, vae_decoder), one optimisation profile each
-(engine/profiles.py). Networks are strongly typed: precision comes from the exported graph, whose
-casts keep the SAG score path in float32 also in fp16 exports (weak typing is deprecated since
-TensorRT 10.12 and removed in 11). Engines and the timing cache are written atomically; the
+One engine per exported network (unet, text_encoder, vae_decoder); the UNet has two optimisation
+profiles (tuned for batch 2B and B), the others one (engine/profiles.py). Networks are strongly typed:
+precision comes from the exported graph, whose casts keep normalisations and the SAG score path in
+float32 also in fp16 exports (weak typing is deprecated since TensorRT 10.12 and removed in 11). Engines and the timing cache are written atomically; the
 manifest is written last, so a folder with a manifest is a finished build.
 """
 
@@ -22,10 +22,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sagrt import __version__
+from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
 from sagrt.engine.profiles import BuildConfig, build_profiles, cache_key, engine_filename
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import MANIFEST, read_manifest, write_bytes_atomic, write_manifest
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.export import artifacts
+from sagrt.export.artifacts import MANIFEST, artifact_dir, read_manifest, write_bytes_atomic, write_manifest
+from sagrt.export.onnx_export import export_model
+from sagrt.networks import MID_BLOCK_LAYER
+from sagrt.runners import ModelInfo
 
 TENSORRT_MIN = (10, 1)  # device_memory_size_v2 and set_device_memory(ptr, size) arrived in 10.1
 INSTALL = "on a machine with an NVIDIA GPU and CUDA, install it with: pip install 'sagrt[tensorrt]'"
@@ -55,7 +60,8 @@ def tensorrt_missing() -> list[str]:
     else:
         if _version(tensorrt.__version__) < TENSORRT_MIN:
             reasons.append(f"TensorRT {tensorrt.__version__} is older than {'.'.join(map(str, TENSORRT_MIN))}")
-    return reasons + [reason for reason in [cuda_missing()] if reason]
+        reasons.append(cuda_major_mismatch(tensorrt_cuda_major(), torch.version.cuda))
+    return [reason for reason in reasons + [cuda_missing()] if reason]
 
 
 def cuda_missing() -> str | None:
@@ -95,7 +101,6 @@ def onnx_sha256(export: dict, network: str) -> str:
 # ---- paths and the rebuild command -------------------------------------------------------------
 def default_engine_dir(fingerprint: str, key: str) -> Path:
     """Where engines live when no --out is given: the one place engine paths come from artifacts."""
-    from sagrt.export.artifacts import artifact_dir
 
     return Path(artifact_dir(fingerprint, "tensorrt", key))
 
@@ -186,12 +191,10 @@ class BuildPlan:
     config: BuildConfig  # resolved against the model
     platform: dict
     key: str
-    profiles: dict[str, dict]
+    profiles: dict[str, list[dict]]  # network -> its optimisation profiles, in engine order
 
     @classmethod
     def make(cls, export_dir: str | Path, config: BuildConfig, platform: dict) -> "BuildPlan":
-        from sagrt.runtime.runners import ModelInfo
-
         export_dir = Path(export_dir)
         export = read_manifest(export_dir)
         if not export or export.get("kind") != "onnx":
@@ -201,7 +204,7 @@ class BuildPlan:
         config = config.resolved(info)
         if export["precision"] != config.precision:
             raise BuildError(f"the export in {export_dir} is {export['precision']} but the build asks for "
-                             f"{config.precision}: export with --precision {config.precision}")
+                             f"{config.precision}: make an {config.precision} export (sagrt export --precision {config.precision})")
         onnx = {network: onnx_sha256(export, network) for network in export["networks"]}
         gpu = {k: platform[k] for k in ("gpu", "compute_capability")}
         key = cache_key(config, platform["tensorrt_version"], onnx, gpu)
@@ -215,11 +218,11 @@ class BuildPlan:
         manifest = read_manifest(engine_dir)
         if not manifest or manifest.get("cache_key") != self.key:
             return False
-        return all((engine_dir / e["file"]).is_file() and (engine_dir / e["file"]).stat().st_size == e["bytes"]
+        return all(artifacts.member(engine_dir, e["file"]).is_file()
+                   and artifacts.member(engine_dir, e["file"]).stat().st_size == e["bytes"]
                    for e in manifest["engines"].values())
 
     def manifest(self, engine_files: dict[str, dict]) -> dict:
-        from sagrt import __version__
 
         export = self.export
         return {
@@ -229,13 +232,42 @@ class BuildPlan:
             "model_info": export["model_info"], "sag_layer": export["sag_layer"],
             "export_dir": str(self.export_dir.resolve()),
             "onnx": {n: {"file": f"{n}.onnx", "sha256": onnx_sha256(export, n)} for n in export["networks"]},
-            "engines": {n: {**engine_files[n], **export["networks"][n], "profile": self.profiles[n]}
+            "engines": {n: {**engine_files[n], **export["networks"][n], "profiles": self.profiles[n]}
                         for n in export["networks"]},
         }
 
 
-def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict, config: BuildConfig,
-                 timing_cache: Path, progress: bool) -> str:
+def load_timing_cache(trt, build_config, path: Path, own: bool):
+    """The builder's timing cache, read from `path` when it exists. A cache another GPU or TensorRT wrote is
+    refused when the user named it (it is theirs to keep), and started afresh when it is sagrt's own file in
+    the engine folder (it belonged to the engines being rebuilt)."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = build_config.create_timing_cache(data)
+    if cache is not None and build_config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if not own:
+        raise BuildError(f"timing cache {path} was written by another GPU or TensorRT version (or is damaged), "
+                         f"and sagrt will not overwrite it: pass another --timing-cache FILE, or delete it")
+    cache = build_config.create_timing_cache(b"")
+    build_config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def configure(trt, build_config, config: BuildConfig) -> None:
+    """Builder settings from the BuildConfig."""
+    build_config.builder_optimization_level = config.optimization_level
+    if config.precision == "fp32":
+        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
+    if config.workspace_gib:
+        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
+    resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)  # TensorRT >= 10.10
+    if resize is not None:
+        # scratch memory sized for the shapes of a call (update_device_memory_size_for_shapes), not the profile max
+        build_config.set_preview_feature(resize, True)
+
+
+def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profiles: list[dict], config: BuildConfig,
+                 timing_cache: Path, progress: bool, own_timing_cache: bool = True) -> str:
     """Parses one ONNX file into a strongly typed network, writes its engine atomically; returns its sha256."""
     network_name = onnx_path.stem
     builder = trt.Builder(logger)
@@ -248,19 +280,13 @@ def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profile: dict,
                                        for i in range(network.num_outputs)})
 
     build_config = builder.create_builder_config()
-    build_config.builder_optimization_level = config.optimization_level
-    if config.precision == "fp32":
-        build_config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 engines are for parity with torch
-    if config.workspace_gib:
-        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
-    optimization_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.items():
-        optimization_profile.set_shape(name, low, opt, high)
-    build_config.add_optimization_profile(optimization_profile)
-    cache = build_config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    if cache is None or not build_config.set_timing_cache(cache, ignore_mismatch=False):
-        # a cache from another GPU or TensorRT: start from an empty one rather than use foreign tactics
-        build_config.set_timing_cache(build_config.create_timing_cache(b""), ignore_mismatch=False)
+    configure(trt, build_config, config)
+    for profile in profiles:  # in order: the runner selects them by index (engine/profiles.py pick_profile)
+        optimization_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.items():
+            optimization_profile.set_shape(name, low, opt, high)
+        build_config.add_optimization_profile(optimization_profile)
+    load_timing_cache(trt, build_config, timing_cache, own_timing_cache)
     display = BuildProgress(f"build {network_name}", enabled=progress)
     monitor = progress_monitor(trt, display)
     build_config.progress_monitor = monitor
@@ -289,7 +315,10 @@ def copy_folder_atomic(source: Path, target: Path) -> None:
 def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str | Path | None = None, *,
                   force: bool = False, progress: bool = True) -> Path:
     """Builds (or reuses) the engines of one export for this GPU; returns their folder."""
+    from sagrt.export.onnx_export import verify_export
+
     trt = require_tensorrt("building TensorRT engines")
+    verify_export(export_dir, full=True)  # every byte, whatever the stat record says: engines outlive the export
     plan = BuildPlan.make(export_dir, config, this_platform(trt))
     engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(plan.export["model_fingerprint"], plan.key)
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -297,14 +326,15 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
         if progress:
             print(f"TensorRT engines up to date in {engine_dir}")
         return engine_dir
+    claim_engine_dir(engine_dir)
     (engine_dir / MANIFEST).unlink(missing_ok=True)  # a half-rebuilt folder must not look finished
     timing_cache = Path(plan.config.timing_cache) if plan.config.timing_cache else engine_dir / "timing.cache"
     logger = trt.Logger(trt.Logger.WARNING)
     engine_files = {}
-    for network, profile in plan.profiles.items():
+    for network, profiles in plan.profiles.items():
         path, start = engine_dir / plan.engine_file(network), time.perf_counter()
-        digest = build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profile, plan.config,
-                              timing_cache, progress)
+        digest = build_engine(trt, logger, plan.export_dir / f"{network}.onnx", path, profiles, plan.config,
+                              timing_cache, progress, own_timing_cache=not plan.config.timing_cache)
         seconds, size = time.perf_counter() - start, path.stat().st_size
         engine_files[network] = {"file": path.name, "sha256": digest, "bytes": size, "build_seconds": round(seconds, 1)}
         if progress:
@@ -312,14 +342,26 @@ def build_engines(export_dir: str | Path, config: BuildConfig, engine_dir: str |
     for folder in COPIED_FOLDERS:
         copy_folder_atomic(plan.export_dir / folder, engine_dir / folder)
     write_manifest(engine_dir, plan.manifest(engine_files))
+    (engine_dir / artifacts.CLAIM).unlink(missing_ok=True)
     return engine_dir
+
+
+def claim_engine_dir(engine_dir: Path) -> None:
+    """Refuses a folder that holds files but neither a TensorRT manifest of sagrt nor its claim (a folder sagrt
+    did not make never loses a file to a build), then claims it for the build."""
+    manifest = read_manifest(engine_dir)
+    ours = (isinstance(manifest, dict) and manifest.get("kind") == "tensorrt") or (engine_dir / artifacts.CLAIM).exists()
+    foreign = [] if ours else artifacts.foreign_entries(engine_dir, f".{engine_dir.name}.")
+    if foreign:
+        raise BuildError(f"{engine_dir} holds files sagrt did not write, e.g. {foreign[0]!r}: build into a new or "
+                         f"empty folder (sagrt never removes files it did not write)")
+    artifacts.write_claim(engine_dir, "tensorrt", [])
 
 
 def build_for_model(model, config: BuildConfig, out: str | Path | None = None, *, sag_layer: str = MID_BLOCK_LAYER,
                     force: bool = False, progress: bool = True) -> Path:
     """Exports `model` if needed (reusing a matching export), then builds its engines."""
     require_tensorrt("building TensorRT engines")  # before any export work
-    from sagrt.export.onnx_export import export_model
 
     export_dir = export_model(model, precision=config.precision, sag_layer=sag_layer, progress=progress)
     return build_engines(export_dir, config, out, force=force, progress=progress)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from sagrt.errors import SagrtError
-
-MID_BLOCK_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
+from sagrt.locks import object_lock
+from sagrt.networks import MID_BLOCK_LAYER
 
 
 class SAGLayerError(SagrtError):
@@ -80,6 +80,13 @@ def capture_sag_score(unet, layer: str = MID_BLOCK_LAYER):
     """Installs the score processor on `layer` for the duration of the block, then restores the
     layer's own processor, also after an exception. Other layers keep their fast attention."""
     attn, transformer = resolve_layer(unet, layer)
+    with object_lock(unet):  # the processor swap is the UNet's state: one capture at a time, others wait
+        with _installed(attn, transformer) as capture:
+            yield capture
+
+
+@contextmanager
+def _installed(attn, transformer):
     capture = SAGCapture()
 
     def record_map_size(module, args, kwargs):

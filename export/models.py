@@ -161,7 +161,7 @@ def folder_fingerprint(path: Path) -> str:
     (see artifacts.recorded_sha256s and docs/NOTES.md for the cost)."""
     path = Path(path)
     names = sorted(file.relative_to(path).as_posix() for file in path.rglob("*") if file.is_file())
-    digests = artifacts.recorded_sha256s(path, names, record_path=model_hash_record(path))
+    digests = artifacts.recorded_sha256s(path, names, record_path=model_hash_record(path), confined=False)
     digest = hashlib.sha256()
     for name in names:
         digest.update(f"{name}\0{digests[name]}\n".encode())
@@ -190,8 +190,17 @@ def load_scheduler(path: str | Path):
     """The diffusers scheduler a saved scheduler folder (scheduler_config.json) describes."""
     import diffusers
 
-    config = json.loads((Path(path) / "scheduler_config.json").read_text())
-    return getattr(diffusers, config["_class_name"]).from_config(config)
+    file = Path(path) / "scheduler_config.json"
+    try:
+        config = json.loads(file.read_text())
+        name = config["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{file} is not a readable scheduler config ({type(err).__name__}: {err})") from None
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelError(f"{file} names {name!r}, which is not a diffusers scheduler: set _class_name to one, "
+                         f"e.g. DDIMScheduler")
+    return cls.from_config(config)
 
 
 def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
@@ -201,23 +210,25 @@ def load_folder(path: str | Path, safety_checker: bool = True) -> Components:
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"model folder {path} does not exist (use --model tiny or a diffusers-format folder)")
+        raise ModelError(f"model folder {path} does not exist: name a preset (tiny, small, sd15) or a diffusers-format folder")
     missing = [name for name in REQUIRED_FOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelError(f"model folder {path} lacks {', '.join(missing)}/ (a diffusers folder has "
                          f"{', '.join(REQUIRED_FOLDERS)})")
+    scheduler = load_scheduler(path / "scheduler")  # first: it is read in a moment, the UNet takes long
     try:
         components = Components(
             tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True),
             text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
             unet=UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval(),
             vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval(),
-            scheduler=load_scheduler(path / "scheduler"),
+            scheduler=scheduler,
             source=str(path.resolve()),
             fingerprint=folder_fingerprint(path),
         )
-    except (OSError, KeyError, ValueError, AttributeError) as err:
-        raise ModelError(f"cannot load model folder {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # whatever a foreign folder's files raise (unpickling, safetensors, configs...)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load model folder {path}: {reason}") from err
     if safety_checker:
         components.safety_checker, components.feature_extractor = load_safety_checker(path)
     return components

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 import types
 import warnings
@@ -21,16 +20,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from sagrt import __version__
 from sagrt.errors import SagrtError
 from sagrt.export import artifacts, specs
-from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score, fused_attention, resolve_layer
+from sagrt.export.attention import capture_sag_score, fused_attention, resolve_layer
 from sagrt.export.models import Components, final_layer_norm, load_model, model_fingerprint, save_scheduler
+from sagrt.networks import DTYPE_NAMES, MID_BLOCK_LAYER, PRECISIONS
+from sagrt.runners import ModelInfo
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-NUMPY_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+EXPORT_PRECISIONS = ("fp32", "fp16")  # weights and activations of an export; the SAG score stays float32
 EXTERNAL_DATA_THRESHOLD = 2 << 30  # protobuf cannot hold a graph of 2 GB or more in one file
 DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention and the tracer's LayerNorm need 14 or later
 # The UNet again with fused attention (com.microsoft MultiHeadAttention) for ONNX Runtime's CPU and CUDA
 # providers; TensorRT builds from unet.onnx. Same inputs and outputs as "unet".
 FUSED_UNET = "unet_fused"
@@ -52,8 +55,7 @@ def _split_geglu_forward(self, hidden_states, *args, **kwargs):
 def split_geglu(unet):
     """Every GEGLU of `unet` projects value and gate with two linears inside the block (restored after it, also
     after an exception). Same values; in the graph, two MatMuls and no Slice pair re-reading the projection's
-    output, and ONNX Runtime fuses the gate's bias into its Gelu: one UNet call on `small` 2% faster, 7.6% while
-    this VM's memory is contended. Applied to both UNet graphs, so they keep sharing one weights file."""
+    output, and ONNX Runtime fuses the gate's bias into its Gelu (faster: benchmarks/RESULTS-unet-cpu.md). Applied to both UNet graphs, so they keep sharing one weights file."""
     from diffusers.models.activations import GEGLU
 
     modules = [module for module in unet.modules() if type(module) is GEGLU]
@@ -111,13 +113,13 @@ class VaeDecoder(torch.nn.Module):
 
 def sample_latent_size(components: Components) -> tuple[int, int]:
     """An odd latent size (not divisible by 2**(levels-1)): traced at a divisible size the UNet freezes
-    forward_upsample_size and the graph fails at other sizes (DESIGN.md pitfalls)."""
+    forward_upsample_size and the graph fails at other sizes (docs/design.md, "Pitfalls")."""
     m = max(2, components.min_latent_side)
     return 2 * m + 1, 3 * m + 1
 
 
 def network_specs(components: Components, precision: str) -> dict[str, specs.NetworkSpec]:
-    dtype = NUMPY_DTYPES[PRECISIONS[precision]]
+    dtype = DTYPE_NAMES[PRECISIONS[precision]]
     return {
         "text_encoder": specs.text_encoder_spec(components.text_encoder.config.hidden_size, dtype),
         "unet": specs.unet_spec(components.unet.config.cross_attention_dim, dtype),
@@ -263,8 +265,6 @@ def export_folder(fingerprint: str, out_dir=None, precision: str = "fp32", opset
 
 def request_fields(fingerprint: str, opset: int, precision: str, sag_layer: str) -> dict:
     """The manifest keys an existing export must match to be reused."""
-    from sagrt import __version__
-
     return {"kind": "onnx", "sagrt_version": __version__, "model_fingerprint": fingerprint, "opset": opset,
             "precision": precision, "sag_layer": sag_layer}
 
@@ -281,104 +281,189 @@ def redo_command(model_source: str, folder: Path, opset: int = DEFAULT_OPSET, pr
     return command + " --force"
 
 
-def verify_export(folder: str | Path, wanted: dict | None = None, model: str | None = None) -> dict:
+def verify_export(folder: str | Path, wanted: dict | None = None, model: str | None = None,
+                  full: bool | None = None) -> dict:
     """The folder's manifest after checking it is an ONNX export matching `wanted` and that every file it lists
-    has its recorded size and sha256; raises ExportError saying what differs and the command that redoes the
-    export (for `model`, default the manifest's, with the wanted settings)."""
+    is inside the folder and has its recorded size and sha256; raises ExportError saying what differs and the
+    command that redoes the export (for `model`, default the manifest's, with the wanted settings).
+    `full`: hash every file rather than trust the stat record (None: once per boot of the machine), and check
+    that the graphs read no weights file the manifest does not list."""
     folder = Path(folder)
     manifest = artifacts.read_manifest(folder)
-    if manifest is None:
+    if not isinstance(manifest, dict):
         raise ExportError(f"{folder} holds no ONNX export (no readable {artifacts.MANIFEST}): "
                           f"run `sagrt export --model {model or 'MODEL'} --out {folder}`")
     settings = {**manifest, **(wanted or {})}
-    redo = redo_command(model or manifest.get("model_source", "MODEL"), folder, settings.get("opset", DEFAULT_OPSET),
-                        settings.get("precision", "fp32"), settings.get("sag_layer", MID_BLOCK_LAYER))
+    try:
+        redo = redo_command(model or manifest.get("model_source", "MODEL"), folder,
+                            settings.get("opset", DEFAULT_OPSET), settings.get("precision", "fp32"),
+                            settings.get("sag_layer", MID_BLOCK_LAYER))
+    except (TypeError, AttributeError):
+        redo = redo_command(model or "MODEL", folder)
     differences = artifacts.manifest_differences(manifest, {"kind": "onnx", **(wanted or {})})
     if differences:
         raise ExportError(f"export in {folder} does not match: {'; '.join(differences)}; redo it with `{redo}`")
-    files = sorted(manifest.get("files", {}).items())
-    for name, entry in files:
-        path = folder / name
-        if not path.is_file():
-            raise ExportError(f"{name} is missing from {folder}: redo the export with `{redo}`")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise ExportError(f"{name} in {folder} is truncated or altered ({size} bytes, manifest says "
-                              f"{entry['bytes']}): redo the export with `{redo}`")
-    digests = artifacts.recorded_sha256s(folder, [name for name, _ in files])
-    for name, entry in files:
-        if digests[name] != entry["sha256"]:
-            raise ExportError(f"{name} in {folder} is corrupted (sha256 differs from the manifest): "
-                              f"redo the export with `{redo}`")
+    files = manifest.get("files")
+    try:
+        graphs = export_graphs(manifest)
+        for graph in graphs:
+            if graph not in files:
+                raise ExportError(f"the manifest in {folder} names graph {graph!r} without its sha256: the folder "
+                                  f"is damaged or not sagrt's; redo the export with `{redo}`")
+        hashed_in_full = artifacts.check_files(folder, files, f"redo the export with `{redo}`", full)
+        if hashed_in_full:
+            check_external_data(folder, graphs, files, redo)
+    except artifacts.ArtifactError as err:
+        raise ExportError(str(err)) from None
     return manifest
 
 
-def _move_into(staging: Path, folder: Path, name: str) -> None:
-    target = folder / name
-    if target.is_dir():
-        shutil.rmtree(target)
-    os.replace(staging / name, target)
+def export_graphs(manifest: dict) -> list[str]:
+    """The ONNX files of an export: one per network, and the fused-attention UNet."""
+    networks, fused = manifest.get("networks"), manifest.get("fused_attention_unet")
+    if not isinstance(networks, dict) or not isinstance(fused, str) or not isinstance(manifest.get("files"), dict):
+        raise ExportError("the manifest lacks its networks, files or fused_attention_unet entry: the folder is "
+                          "damaged or not sagrt's; export it again")
+    return sorted({f"{name}.onnx" for name in networks} | {fused})
+
+
+def check_external_data(folder: Path, graphs: list[str], files: dict, redo: str) -> None:
+    """Every weights file a graph points to is a file of the manifest (so it is inside the folder and hashed)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for graph in graphs:
+        try:
+            model = onnx.load(str(folder / graph), load_external_data=False)
+        except Exception as err:  # protobuf's DecodeError and friends: a file that is no ONNX graph
+            raise ExportError(f"{graph} in {folder} is not a readable ONNX graph ({type(err).__name__}): "
+                              f"redo the export with `{redo}`") from None
+        for tensor in model.graph.initializer:
+            if uses_external_data(tensor) and ExternalDataInfo(tensor).location not in files:
+                raise ExportError(f"{graph} in {folder} reads weights from {ExternalDataInfo(tensor).location!r}, "
+                                  f"which the manifest does not list: redo the export with `{redo}`")
+
+
+STAGING = ".export-"  # prefix of the staging folders inside an export folder
+
+
+def claim_folder(folder: Path) -> set[str]:
+    """Makes `folder` ready for a new export and returns the files an earlier export of sagrt left there (to be
+    replaced). Refuses a folder that is a file, or that holds files but no sagrt manifest: a folder sagrt did not
+    make never loses a file. Staging folders of exports that died (kill -9) are removed."""
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"export folder {folder} is an existing file: choose a folder with --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot make export folder {folder}: {err.strerror or err}") from None
+    artifacts.remove_stale_staging(folder, STAGING)
+    owned = artifacts.owned_files(folder, "onnx")
+    if owned is None:
+        foreign = artifacts.foreign_entries(folder, STAGING)
+        if foreign:
+            unreadable = " (its manifest.json is no readable sagrt ONNX manifest)" if artifacts.MANIFEST in foreign \
+                else ""
+            raise ExportError(f"{folder} holds files sagrt did not write{unreadable}, e.g. {foreign[0]!r}: export "
+                              f"into a new or empty folder (sagrt never removes files it did not write)")
+        owned = set()
+    return owned
+
+
+def move_into_place(staging: Path, folder: Path, names: list[str]) -> None:
+    """Moves each staged file (relative name) to the same name in `folder`, replacing the file there."""
+    for name in names:
+        target = artifacts.member(folder, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
 
 
 def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: str = "fp32",
                  sag_layer: str = MID_BLOCK_LAYER, force: bool = False, external_data: bool | None = None,
                  progress: bool = True) -> Path:
     """Exports `model` (preset name, diffusers folder or Components) to ONNX and returns the export folder.
-    An export whose manifest matches the request is reused; `force` redoes it."""
-    from tqdm.auto import tqdm
-
-    from sagrt.runtime.runners import ModelInfo
-
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    An export whose manifest matches the request is reused; `force` redoes it. Only files a sagrt manifest lists
+    are ever replaced or removed."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}: choose {' or '.join(EXPORT_PRECISIONS)}")
+    check_opset(opset)
     fingerprint = model.fingerprint if isinstance(model, Components) else model_fingerprint(model)
     folder = export_folder(fingerprint, out_dir, precision, opset, sag_layer)
     wanted = request_fields(fingerprint, opset, precision, sag_layer)
-    manifest = None if force else artifacts.read_manifest(folder)
+    manifest = None if force or not folder.is_dir() else artifacts.read_manifest(folder)
     if manifest is not None and out_dir is None and manifest.get("sagrt_version") != wanted["sagrt_version"]:
         manifest = None  # sagrt's own cache is redone after an upgrade; a folder the user named is only checked
     if manifest is not None:
         verify_export(folder, wanted, None if isinstance(model, Components) else str(model))
         return folder
 
-    components = model if isinstance(model, Components) else load_model(model, safety_checker=False)
-    resolve_layer(components.unet, sag_layer)
-    dtype = PRECISIONS[precision]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-    network_table = network_specs(components, precision)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".export-"))
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    owned = claim_folder(folder)
     try:
-        names = []
-        graphs = {**network_table, FUSED_UNET: dataclasses.replace(network_table["unet"], name=FUSED_UNET)}
-        traced = in_dtype(components, dtype)
-        steps = tqdm(list(graphs) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
-        for name in steps:
-            steps.set_postfix_str(name)
-            if name in graphs:
-                names += export_network(name, traced, graphs[name], staging, opset=opset, dtype=dtype,
-                                        sag_layer=sag_layer, external_data=external_data)
-            else:
-                components.tokenizer.save_pretrained(staging / "tokenizer")
-                save_scheduler(components.scheduler, staging / "scheduler")
-        for stale in folder.glob("*.onnx.data"):  # weights of an earlier export stored externally
-            stale.unlink()
-        for name in names + ["tokenizer", "scheduler"]:
-            _move_into(staging, folder, name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    files = sorted(names) + sorted(p.relative_to(folder).as_posix() for sub in ("tokenizer", "scheduler")
-                                   for p in (folder / sub).rglob("*") if p.is_file())
-    manifest = {
-        **wanted,
-        "model_source": components.source,
-        "model_info": ModelInfo.of(components, sag_layer).to_dict(),
-        "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
-        "files": {name: {"sha256": digest, "bytes": (folder / name).stat().st_size}
-                  for name, digest in artifacts.recorded_sha256s(folder, files).items()},
-        "networks": {name: spec.to_table() for name, spec in network_table.items()},
-        "fused_attention_unet": f"{FUSED_UNET}.onnx",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    artifacts.write_manifest(folder, manifest)
+        components = model if isinstance(model, Components) else load_model(model, safety_checker=False)
+        resolve_layer(components.unet, sag_layer)
+        with artifacts.staging_dir(folder, STAGING) as staging:
+            names = export_files(components, staging, opset=opset, precision=precision, sag_layer=sag_layer,
+                                 external_data=external_data, progress=progress)
+            # from here the folder is not finished: the claim remembers what sagrt owns in it, old and new
+            artifacts.write_claim(folder, "onnx", owned | set(names))
+            (folder / artifacts.MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
+            artifacts.remove_owned(folder, sorted(owned - set(names)))
+            move_into_place(staging, folder, names)
+        manifest = {
+            **wanted,
+            "model_source": components.source,
+            "model_info": ModelInfo.of(components, sag_layer).to_dict(),
+            "sag_map_downsamplings": sag_map_downsamplings(components, sag_layer),
+            "files": {name: {"sha256": digest, "bytes": (folder / name).stat().st_size}
+                      for name, digest in artifacts.recorded_sha256s(folder, names, full=True).items()},
+            "networks": {name: spec.to_table() for name, spec in network_specs(components, precision).items()},
+            "fused_attention_unet": f"{FUSED_UNET}.onnx",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        artifacts.write_manifest(folder, manifest)
+        (folder / artifacts.CLAIM).unlink(missing_ok=True)
+    except OSError as err:  # a full disk, a read-only folder...
+        remove_created(created)
+        raise ExportError(f"cannot write the export in {folder}: {err.strerror or err}") from None
+    except BaseException:
+        remove_created(created)
+        raise
     return folder
+
+
+def remove_created(created: list[Path]) -> None:
+    """Removes the folders this export made, innermost first, where they are still empty."""
+    for path in created:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def check_opset(opset) -> None:
+    from torch.onnx import _constants
+
+    low, high = MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ExportError(f"opset {opset!r} is outside what this export supports ({low} to {high}; default "
+                          f"{DEFAULT_OPSET})")
+
+
+def export_files(components: Components, staging: Path, *, opset: int, precision: str, sag_layer: str,
+                 external_data: bool | None, progress: bool) -> list[str]:
+    """Exports every graph, the tokenizer and the scheduler into `staging`; returns the relative file names."""
+    dtype = PRECISIONS[precision]
+    network_table = network_specs(components, precision)
+    graphs = {**network_table, FUSED_UNET: dataclasses.replace(network_table["unet"], name=FUSED_UNET)}
+    traced = in_dtype(components, dtype)
+    names = []
+    steps = tqdm(list(graphs) + ["tokenizer+scheduler"], desc="export", unit="part", disable=not progress)
+    for name in steps:
+        steps.set_postfix_str(name)
+        if name in graphs:
+            names += export_network(name, traced, graphs[name], staging, opset=opset, dtype=dtype,
+                                    sag_layer=sag_layer, external_data=external_data)
+        else:
+            components.tokenizer.save_pretrained(staging / "tokenizer")
+            save_scheduler(components.scheduler, staging / "scheduler")
+    return sorted(names) + sorted(p.relative_to(staging).as_posix() for sub in ("tokenizer", "scheduler")
+                                  for p in (staging / sub).rglob("*") if p.is_file())

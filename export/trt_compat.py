@@ -115,7 +115,7 @@ def _nodes(graph):
                     yield from _nodes(sub)
 
 
-def check_model(model) -> list[Finding]:
+def tensorrt_findings(model) -> list[Finding]:
     """Findings for an ONNX model (a ModelProto or a path; weights are not loaded)."""
     import onnx
 

@@ -10,15 +10,17 @@ import importlib
 import sys
 
 from sagrt.errors import SagrtError
+from sagrt.runtime.interrupts import terminate_as_interrupt
 
 # name -> (module, one-line help)
 COMMANDS = {
     "generate": ("sagrt.runtime.commands.generate", "generate images with SAG"),
     "export": ("sagrt.runtime.commands.export", "export a model to ONNX with the SAG attention output"),
-    "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the DESIGN.md bounds"),
+    "parity": ("sagrt.runtime.commands.parity", "compare two backends step by step against the numerical contract (docs/design.md)"),
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
-    "bench": ("sagrt.runtime.commands.bench", "time sagrt backends against eager diffusers, with parity"),
+    "bench": ("sagrt.bench.command", "time sagrt backends against eager diffusers, with parity"),
+    "verify": ("sagrt.runtime.commands.verify", "read every file of an export or engine folder against its manifest"),
 }
 
 
@@ -39,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sagrt.engine.packages import onnxruntime_conflict  # two ONNX Runtimes break the GPU providers
+
+    conflict = onnxruntime_conflict()
+    if conflict:
+        print(f"sagrt: warning: {conflict}", file=sys.stderr)
     try:
-        return importlib.import_module(args.module).run(args) or 0
-    except (SagrtError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        with terminate_as_interrupt():
+            return importlib.import_module(args.module).run(args) or 0
+    except (SagrtError, OSError) as err:  # OSError: a full disk, a read-only or missing folder...
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"sagrt {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -3,13 +3,14 @@
 API follows diffusers' `StableDiffusionSAGPipeline` so a user switches with one import:
 
     from sagrt.runtime import SAGPipeline
-    pipe = SAGPipeline.from_pretrained("tiny", backend="torch")
+    pipe = SAGPipeline.from_pretrained("tiny")  # backend="auto": the fastest usable here
     image = pipe("a photo of a cat", sag_scale=0.75).images[0]
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,15 +19,24 @@ import torch
 from tqdm.auto import tqdm
 
 from sagrt.errors import SagrtError
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.locks import exclusive, object_lock
+from sagrt.networks import MID_BLOCK_LAYER, precision_name
+from sagrt.runtime import backends, checks
 from sagrt.runtime import schedulers as sched
+from sagrt.runtime.checks import InputError
 from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
-from sagrt.runtime.runners import ModelInfo, Runners
+from sagrt.runners import ModelInfo, Runners
+from sagrt.runtime.timing import StageClock
+
+logger = logging.getLogger("sagrt")
 
 
+class PipelineBusyError(SagrtError):
+    """A call on a pipeline that is already running one."""
 
-class InputError(SagrtError):
-    """A generation argument out of range."""
+
+class NonFiniteError(SagrtError):
+    """A network or step produced NaN or Inf values; the image would be black or noise."""
 
 
 @dataclass
@@ -47,12 +57,18 @@ class SAGConfig:
     window: tuple[float, float] = (0.0, 1.0)  # fractions of the schedule where SAG runs
 
     def __post_init__(self):
-        start, end = self.window
+        if not isinstance(self.window, (tuple, list)) or len(self.window) != 2:
+            raise InputError(f"SAG window must be a pair (start, end), got {checks.describe(self.window)}")
+        start, end = (checks.real("SAG window", value) for value in self.window)
         if not (0.0 <= start < end <= 1.0):
             raise InputError(f"SAG window {start}:{end} must satisfy 0 <= start < end <= 1")
-        if not self.blur_sigma > 0:
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
+                or self.threshold != self.threshold:  # +-inf are meaningful (mask nothing / everything); NaN is not
+            raise InputError(f"SAG threshold must be a number (not NaN), got {checks.describe(self.threshold)}")
+        if not checks.real("SAG blur sigma", self.blur_sigma) > 0:
             raise InputError(f"SAG blur sigma must be positive, got {self.blur_sigma}")
-        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+        kernel = checks.integer("SAG blur kernel size", self.blur_kernel)
+        if kernel < 1 or kernel % 2 == 0:
             raise InputError(f"SAG blur kernel size must be a positive odd number, got {self.blur_kernel}")
 
     def active(self, step: int, num_steps: int) -> bool:
@@ -68,6 +84,13 @@ class Timings:
     decode: float = 0.0
     total: float = 0.0
 
+    @classmethod
+    def of(cls, durations: list[tuple[str, float]], total: float) -> "Timings":
+        """From StageClock durations (text, setup, step..., decode) and the run's wall time."""
+        seconds = dict(durations)
+        return cls(text=seconds["text"], steps=[s for label, s in durations if label == "step"],
+                   decode=seconds["decode"], total=total)
+
 
 class SAGPipeline:
     """Stable Diffusion with Self-Attention Guidance over any `Runners` backend."""
@@ -80,24 +103,31 @@ class SAGPipeline:
         self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
         self.image_processor = VaeImageProcessor(vae_scale_factor=info.vae_scale_factor)
         self.vae_slicing = False
+        self.sync_every_step = False  # True: a host sync per step, as before issue 15 (to measure its cost)
         self.progress_bar_config: dict = {}
         self.timings = Timings()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model="tiny", backend: str = "torch", scheduler: str | None = None,
-                        device: str | None = None, torch_dtype: torch.dtype | None = None,
-                        safety_checker: bool = True, sag_layer: str = MID_BLOCK_LAYER, **backend_options):
-        """`model`: a preset (tiny, small, sd15) or a local diffusers folder. `backend`: torch,
-        onnxruntime, tensorrt or auto. `scheduler`: a sagrt scheduler name (default: the model's)."""
-        from sagrt.runtime import backends
-
-        runners, tokenizer, base_scheduler, info, checker = backends.load(
-            model, backend, device=device, dtype=torch_dtype, safety_checker=safety_checker,
-            sag_layer=sag_layer, **backend_options)
+    def from_pretrained(cls, model="tiny", backend: str = "auto", scheduler: str | None = None,
+                        torch_dtype: torch.dtype | None = None, safety_checker: bool = True,
+                        sag_layer: str = MID_BLOCK_LAYER, **backend_options):
+        """`model`: a preset (tiny, small, sd15) or a local diffusers folder. `backend`: auto (the fastest
+        usable here), torch (the reference), onnxruntime, tensorrt; `backend_options` are that backend's
+        (see runtime/backends.py: device, precision, ...). `torch_dtype` is diffusers' name for `precision`.
+        `scheduler`: a sagrt scheduler name (default: the model's)."""
+        if torch_dtype is not None:
+            named = precision_name(torch_dtype)
+            if backend_options.setdefault("precision", named) != named:
+                raise InputError(f"torch_dtype {torch_dtype} and precision {backend_options['precision']!r} "
+                                 "disagree: pass one of them")
+        loaded = backends.load(model, backend, sag_layer=sag_layer, safety_checker=safety_checker,
+                               **backend_options)
+        base_scheduler = loaded.scheduler
         if scheduler is not None:
             base_scheduler = sched.make_scheduler(scheduler, base_scheduler.config)
-        return cls(runners, tokenizer, base_scheduler, info, *checker)
+        return cls(loaded.runners, loaded.tokenizer, base_scheduler, loaded.info, loaded.safety_checker,
+                   loaded.feature_extractor)
 
     def enable_vae_slicing(self):
         """Decode one image at a time: lower peak memory for large batches."""
@@ -115,10 +145,24 @@ class SAGPipeline:
 
     # ---- prompts ------------------------------------------------------------------------------
     def _tokenize(self, text):
-        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt")
+        with object_lock(self.tokenizer):  # a fast tokenizer's padding state is not thread-safe
+            return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+
+    def _warn_truncated(self, text) -> None:
+        """Warns, as diffusers does, when a prompt is longer than the text encoder takes: the rest is ignored."""
+        limit = self.tokenizer.model_max_length
+        with object_lock(self.tokenizer):
+            texts = [text] if isinstance(text, str) else list(text)
+            ids = self.tokenizer(texts, truncation=False, verbose=False).input_ids
+        for one in ids:
+            if len(one) > limit:
+                dropped = self.tokenizer.decode(one[limit - 1:-1])
+                logger.warning(f"sagrt: a prompt is {len(one)} tokens, the text encoder takes {limit}: this part is "
+                               f"ignored: {dropped!r}")
 
     def _encode(self, text, clip_skip=None):
+        self._warn_truncated(text)
         tokens = self._tokenize(text)
         kwargs = {}
         if self.info.text_uses_attention_mask:
@@ -147,29 +191,62 @@ class SAGPipeline:
         negative = repeat(negative_prompt_embeds.to(self.device, self.runners.dtype)) if do_cfg else None
         return repeat(prompt_embeds), negative
 
-    # ---- checks -------------------------------------------------------------------------------
+    # ---- checks ------------------------------------------------------------------------------
     def check_inputs(self, prompt, height, width, num_inference_steps, callback_steps, negative_prompt,
-                     prompt_embeds, negative_prompt_embeds):
+                     prompt_embeds, negative_prompt_embeds, *, guidance_scale=7.5, sag_scale=0.75,
+                     num_images_per_prompt=1, eta=0.0, generator=None, latents=None, output_type="pil",
+                     callback=None, cross_attention_kwargs=None, clip_skip=None, sag=None):
+        """Refuses, with one line in the API's terms, every argument the call cannot use, before any work."""
         factor, side = self.info.vae_scale_factor, self.info.min_latent_side * self.info.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value % factor:
-                raise InputError(f"{name} must be a multiple of {factor}, got {value}")
+            checks.integer(name, value)
+            if value <= 0 or value % factor:
+                raise InputError(f"{name} must be a positive multiple of {factor}, got {value}")
             if value < side:
                 raise InputError(f"{name} {value} is below this model's minimum of {side} pixels")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        if not isinstance(callback_steps, int) or callback_steps <= 0:
-            raise InputError(f"callback_steps must be a positive integer, got {callback_steps}")
+        max_steps = int(self.scheduler.config.get("num_train_timesteps", 1000))
+        checks.integer("num_inference_steps", num_inference_steps, 1, max_steps)
+        checks.integer("callback_steps", callback_steps, 1)
+        checks.integer("num_images_per_prompt", num_images_per_prompt, 1)
+        for name, value in (("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("eta", eta)):
+            checks.real(name, value)
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("pass exactly one of prompt and prompt_embeds")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise InputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        checks.string_list("prompt", prompt)
+        checks.string_list("negative_prompt", negative_prompt)
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise InputError("pass at most one of negative_prompt and negative_prompt_embeds")
+        tokens, text_width = self.tokenizer.model_max_length, self.info.text_hidden_size
+        for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if value is not None:
+                checks.embeddings(name, value, tokens, text_width)
         if prompt_embeds is not None and negative_prompt_embeds is not None \
                 and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise InputError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        images = batch * num_images_per_prompt
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
+            raise InputError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch}")
+        checks.generators(generator, images)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {checks.describe(callback)}")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise InputError(f"cross_attention_kwargs must be a dict, got {checks.describe(cross_attention_kwargs)}")
+        if clip_skip is not None:
+            checks.integer("clip_skip", clip_skip, 0, self.info.text_layers)
+        if sag is not None and not isinstance(sag, SAGConfig):
+            raise InputError(f"sag must be a SAGConfig, got {checks.describe(sag)}")
+        latent = (height // factor, width // factor)
+        kernel_limit = checks.blur_kernel_limit(*latent)
+        if sag is not None and sag.blur_kernel > kernel_limit:
+            raise InputError(f"SAG blur kernel size {sag.blur_kernel} is wider than a {latent[0]}x{latent[1]} "
+                             f"latent needs: use at most {kernel_limit}")
+        checks.check_memory(self.info, self.device, images, height, width, float(guidance_scale) > 1.0)
 
     def _step_kwargs(self, generator, eta):
         params = inspect.signature(self.scheduler.step).parameters
@@ -180,26 +257,36 @@ class SAGPipeline:
             kwargs["generator"] = generator
         return kwargs
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # ---- the loop -----------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Runs one generation (arguments as diffusers' StableDiffusionSAGPipeline, plus `sag`: a SAGConfig).
+        One call at a time: a second call while one runs (another thread, or a callback) raises PipelineBusyError,
+        as does a call on a scheduler or (non thread-safe) runners that another pipeline is using."""
+        shared = [self, self.scheduler] + ([] if self.runners.thread_safe else [self.runners])
+        with exclusive(shared, lambda: PipelineBusyError(
+                "this pipeline (or its scheduler or runners) is already running a call: one call at a time; give "
+                "each thread its own pipeline (SAGPipeline.from_pretrained) or serialize the calls")):
+            return self._call(*args, **kwargs)
+
     @torch.no_grad()
-    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
-                 sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
-                 latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                 return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
-                 sag: SAGConfig | None = None):
-        sag = sag or SAGConfig()
-        height = height or self.info.sample_size * self.info.vae_scale_factor
-        width = width or self.info.sample_size * self.info.vae_scale_factor
+    def _call(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
+              sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+              latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+              return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
+              sag: SAGConfig | None = None):
+        default_side = self.info.sample_size * self.info.vae_scale_factor
+        height = default_side if height is None else height
+        width = default_side if width is None else width
         self.check_inputs(prompt, height, width, num_inference_steps, callback_steps, negative_prompt,
-                          prompt_embeds, negative_prompt_embeds)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+                          prompt_embeds, negative_prompt_embeds, guidance_scale=guidance_scale,
+                          sag_scale=sag_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                          generator=generator, latents=latents, output_type=output_type, callback=callback,
+                          cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip, sag=sag)
+        sag = sag or SAGConfig()
+        guidance_scale, sag_scale, eta = float(guidance_scale), float(sag_scale), float(eta)
         start = time.perf_counter()
-        self.timings = timings = Timings()
+        clock = StageClock(self.device, self.sync_every_step)  # no host sync per step: one at the end
+        clock.mark("start")
         do_cfg = guidance_scale > 1.0
         do_sag = sag_scale > 0.0
 
@@ -209,8 +296,7 @@ class SAGPipeline:
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # the degraded pass sees the unconditional embeddings (eq. 25), or the prompt's without CFG
         degraded_context = negative_embeds if do_cfg else prompt_embeds
-        self._sync()
-        timings.text = time.perf_counter() - start
+        clock.mark("text")
 
         # 2. timesteps and initial noise
         scheduler = self.scheduler
@@ -233,6 +319,8 @@ class SAGPipeline:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.runners.dtype)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        elif not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+            raise InputError("latents must be finite floating-point values")
         latents = latents.to(self.device, self.runners.dtype) * scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta)
         if hasattr(scheduler, "noise_sampler_seed") and scheduler.config.get("noise_sampler_seed") is None:
@@ -242,9 +330,9 @@ class SAGPipeline:
 
         # 3. denoising with SAG
         bar = tqdm(total=num_inference_steps, **{"desc": "denoise", **self.progress_bar_config})
+        clock.mark("setup")
         try:  # the bar ends its line also when the loop is interrupted (Ctrl-C, an error)
             for i, t in enumerate(timesteps):
-                step_start = time.perf_counter()
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
                 eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
                 if do_cfg:
@@ -253,6 +341,7 @@ class SAGPipeline:
                     eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
                 else:
                     eps_ref = eps_guided = eps
+                eps_degraded = None
                 if do_sag and sag.active(i, len(timesteps)):
                     x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
                     mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
@@ -261,8 +350,10 @@ class SAGPipeline:
                     eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
                     eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
                 latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
-                self._sync()
-                timings.steps.append(time.perf_counter() - step_start)
+                if not bool(torch.isfinite(latents).all()):
+                    raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps, eps_guided=eps_guided,
+                                           eps_degraded=eps_degraded)
+                clock.mark("step")
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
                     bar.update()
                     if callback is not None and i % callback_steps == 0:
@@ -271,7 +362,6 @@ class SAGPipeline:
             bar.close()
 
         # 4. decode, safety check, postprocess
-        decode_start = time.perf_counter()
         if output_type == "latent":
             images, nsfw = latents, None
         else:
@@ -280,13 +370,15 @@ class SAGPipeline:
                 image = torch.cat([self.runners.decode(one) for one in scaled.split(1)])
             else:
                 image = self.runners.decode(scaled)
+            if not bool(torch.isfinite(image).all()):
+                raise NonFiniteError("the VAE decoder produced NaN or Inf values from finite latents (an fp16 "
+                                     "overflow?): decode in fp32 (--dtype fp32 / an fp32 export)")
             image, nsfw = self.run_safety_checker(image)
             denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
             images = self.image_processor.postprocess(image.float(), output_type=output_type,
                                                       do_denormalize=denormalize)
-        self._sync()
-        timings.decode = time.perf_counter() - decode_start
-        timings.total = time.perf_counter() - start
+        clock.mark("decode")
+        self.timings = Timings.of(clock.durations(), time.perf_counter() - start)
         if not return_dict:
             return images, nsfw
         return SAGOutput(images=images, nsfw_content_detected=nsfw)
@@ -302,3 +394,17 @@ class SAGPipeline:
         image, nsfw = checker(images=image.to(param.device, param.dtype), clip_input=clip_input.to(param.device,
                                                                                                   param.dtype))
         return image.to(self.device), [bool(flag) for flag in np.atleast_1d(nsfw)]
+
+
+def non_finite_error(step: int, steps: int, scheduler: str, eps, eps_guided, eps_degraded) -> NonFiniteError:
+    """The error for latents that stopped being finite at `step`, naming the first stage that made NaN or Inf."""
+    if not bool(torch.isfinite(eps).all()):
+        where = "the UNet's noise prediction"
+    elif eps_degraded is not None and not bool(torch.isfinite(eps_degraded).all()):
+        where = "the UNet's SAG (degraded) pass"
+    elif not bool(torch.isfinite(eps_guided).all()):
+        where = "the guidance (guidance_scale or sag_scale too large)"
+    else:
+        where = f"the {scheduler} step"
+    return NonFiniteError(f"step {step + 1} of {steps}: {where} produced NaN or Inf values; no image was made "
+                          "(lower guidance_scale/sag_scale, use fp32, or another scheduler)")

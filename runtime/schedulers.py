@@ -12,7 +12,7 @@ the same eps. Each scheduler family writes its latent differently, so each gets 
   `sigmas[step_index]`, as its `step` uses them, for x0, eps and the re-noise alike. Deviation from
   diffusers: its SAG pipeline takes x0 from alphas_cumprod[t] but re-noises with `add_noise`, which reads
   the sigma table; the rounded integer t of a respaced table is not the table's sigma, so even an empty
-  mask changes the degraded input (measured: 5.6e-4 relative at the 2nd of 4 Karras steps). sagrt uses
+  mask changes the degraded input (tests/test_schedulers.py shows by how much). sagrt uses
   one (alpha_t, sigma_t), so an empty mask gives back the undegraded input. On the default schedule the
   table and alphas_cumprod agree to rounding and sagrt keeps diffusers' expressions, to match it exactly.
 - Euler, Euler ancestral, LMS, Heun, KDPM2, KDPM2 ancestral, DPM-SDE, EDM (float timesteps): x = x0 +
@@ -95,7 +95,7 @@ def make_scheduler(name: str, base_config, karras_sigmas: bool | None = None, pr
         if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
             with_karras = [n for n, c in SCHEDULERS.items()
                            if "use_karras_sigmas" in inspect.signature(getattr(diffusers, c).__init__).parameters]
-            raise SchedulerError(f"scheduler {key!r} has no Karras sigmas option: drop --karras-sigmas or use one of "
+            raise SchedulerError(f"scheduler {key!r} has no Karras sigmas option: use one of "
                                  f"{', '.join(with_karras)}")
         overrides["use_karras_sigmas"] = karras_sigmas
     if prediction_type is not None:
@@ -119,7 +119,7 @@ def check_prediction_type(scheduler) -> str:
     if kind in UNSUPPORTED_PREDICTIONS.get(name, ()):
         usable = [p for p in PREDICTION_TYPES if p not in UNSUPPORTED_PREDICTIONS[name]]
         raise SchedulerError(f"{name} does not support prediction_type {kind!r} (it supports "
-                             f"{', '.join(usable)}): choose another --scheduler, e.g. euler or ddim")
+                             f"{', '.join(usable)}): choose another scheduler, e.g. euler or ddim")
     return kind
 
 
@@ -154,15 +154,34 @@ def alpha_sigma(scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
         if index is None:  # before the first step(); step() will resolve the same index
             index = scheduler.index_for_timestep(t)
         return scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[index])
-    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t = alphas_cumprod_at(scheduler, t)
     return alpha_prod_t ** (0.5), (1 - alpha_prod_t) ** (0.5)
+
+
+def scalar_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A schedule scalar in `like`'s dtype, for math with `like`. A 0-d CPU tensor stays on the CPU (torch uses it
+    in GPU kernels as a scalar argument), as copying it to the GPU would wait for the device every step."""
+    if value.dim() == 0 and value.device.type == "cpu":
+        return value.to(like.dtype)
+    return value.to(like.device, like.dtype)
+
+
+def alphas_cumprod_at(scheduler, t) -> torch.Tensor:
+    """alphas_cumprod[t] without a host synchronisation for a timestep on the GPU: the table moves to t's device
+    once (as diffusers' add_noise moves it) and is read with index_select, where `table[t]` would read t back to
+    the host (`item()`) on every step."""
+    if not torch.is_tensor(t):
+        return scheduler.alphas_cumprod[t]
+    if scheduler.alphas_cumprod.device != t.device:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(t.device)
+    return scheduler.alphas_cumprod.index_select(0, t.reshape(1).long()).reshape(())
 
 
 def predict_x0_eps(scheduler, x: torch.Tensor, model_output: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean latent x0 and the noise eps that the model output implies for latent x at step t."""
     kind = check_prediction_type(scheduler)
     if uses_sigmas(scheduler):
-        sigma = model_input_sigma(scheduler).to(x.device, x.dtype)
+        sigma = scalar_like(model_input_sigma(scheduler), x)
         if hasattr(scheduler, "precondition_outputs"):  # EDM: x0 = c_skip x + c_out F
             x0 = scheduler.precondition_outputs(x, model_output, sigma)
         elif kind == "epsilon":
@@ -173,7 +192,7 @@ def predict_x0_eps(scheduler, x: torch.Tensor, model_output: torch.Tensor, t) ->
             x0 = model_output
         return x0, (x - x0) / sigma
     # written as diffusers' SAG pipeline writes it (same operations, same rounding)
-    alpha, sigma = (value.to(x.device, x.dtype) for value in alpha_sigma(scheduler, t))
+    alpha, sigma = (scalar_like(value, x) for value in alpha_sigma(scheduler, t))
     if kind == "epsilon":
         x0 = (x - sigma * model_output) / alpha
         eps = model_output
@@ -189,10 +208,10 @@ def predict_x0_eps(scheduler, x: torch.Tensor, model_output: torch.Tensor, t) ->
 def renoise(scheduler, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
     """Model input for the degraded pass: x0 noised back to the current level with eps."""
     if uses_sigmas(scheduler):
-        sigma = model_input_sigma(scheduler).to(x0.device, x0.dtype)
+        sigma = scalar_like(model_input_sigma(scheduler), x0)
         return scheduler.scale_model_input(x0 + sigma * eps, t)
     if uses_sigma_table(scheduler):
-        alpha, sigma = (value.to(x0.device, x0.dtype) for value in alpha_sigma(scheduler, t))
+        alpha, sigma = (scalar_like(value, x0) for value in alpha_sigma(scheduler, t))
         return scheduler.scale_model_input(alpha * x0 + sigma * eps, t)
     t = t if torch.is_tensor(t) else torch.tensor(t)
     return scheduler.add_noise(x0, noise=eps, timesteps=t[None])

@@ -1,10 +1,13 @@
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# exports made on first use (backend auto / onnxruntime) go to a folder of this test session, not ~/.cache
+os.environ["SAGRT_CACHE"] = tempfile.mkdtemp(prefix="sagrt-test-cache-")
 # one torch thread: OpenMP barriers spin badly when another process takes a core, and tiny models gain nothing
 torch.set_num_threads(1)
 
@@ -47,6 +50,15 @@ def tiny_onnx(tmp_path_factory, tiny):
     from sagrt.export.onnx_export import export_model
 
     return export_model(tiny, tmp_path_factory.mktemp("tiny-onnx"), progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_in_the_cache():
+    """The session cache holds tiny's export before any test runs, as a second `sagrt generate` finds it: tests of
+    the CLI's output (one line on stderr) then see no export progress bars from backend auto's first use."""
+    from sagrt.export.onnx_export import export_model
+
+    return export_model("tiny", progress=False)
 
 
 class CliProcess:

@@ -8,10 +8,13 @@ import os
 import pytest
 import torch
 
-from sagrt.runtime import benchmark
-from sagrt.runtime.benchmark import BASELINE, BenchConfig, BenchError, CallLog, TimedRunners, compare, parse_sizes
+from sagrt.bench import BASELINE, BenchConfig, BenchError, parse_sizes
+from sagrt.bench.machine import peak_rss_mb, reset_peak_rss
+from sagrt.bench.measure import Measurement, run_order
+from sagrt.bench.run import compare_with_baseline
+from sagrt.bench.timing import CallLog, TimedRunners
 from sagrt.runtime.cli import main
-from sagrt.runtime.runners import Runners
+from sagrt.runners import Runners
 
 STEPS = 2
 
@@ -80,7 +83,7 @@ def test_compare_ratios_and_parity():
         return dict(result=dict(end_to_end_s=total, step_ms=step, unet_2b_ms=unet_2b, peak_rss_mb=rss),
                     latents=latents, images=images)
 
-    rows = compare({BASELINE: payload(8.0, 300.0, 100.0, 400.0, latents, images),
+    rows = compare_with_baseline({BASELINE: payload(8.0, 300.0, 100.0, 400.0, latents, images),
                     "onnxruntime": payload(2.0, 60.0, 25.0, 300.0, latents * 1.01, (images + 0.01).clamp(0, 1))},
                    (64, 64), 1)
     ort = rows[1]
@@ -120,11 +123,11 @@ def test_timed_runners_pass_through_and_log_each_call():
 
 
 def test_peak_rss_sees_an_allocation_after_a_reset():
-    if not benchmark.reset_peak_rss():
+    if not reset_peak_rss():
         pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
-    before = benchmark.peak_rss_mb()
+    before = peak_rss_mb()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert benchmark.peak_rss_mb() >= before + 50
+    assert peak_rss_mb() >= before + 50
     del block
 
 
@@ -206,7 +209,7 @@ def row_of(report, backend):
 
 def test_onnxruntime_backend_against_the_baseline(tmp_path, monkeypatch, capsys):
     """The engine backend through the same harness: fp32 ONNX Runtime on the final latents within 1e-5 of diffusers
-    on CPU (DESIGN.md allows 1e-3 on any machine; the same CPU kernels give ~1e-6)."""
+    on CPU (docs/design.md allows 1e-3 on any machine; the same CPU kernels give ~1e-6)."""
     pytest.importorskip("sagrt.engine.onnxruntime_runner", reason="the onnxruntime backend is not in this build")
     monkeypatch.setenv("SAGRT_CACHE", str(tmp_path / "cache"))  # the worker processes inherit it
     out = tmp_path / "ort.json"
@@ -247,8 +250,8 @@ def test_sag_and_cfg_only_runs_alternate():
                          cfg_repeats=2)
     lines = []
     case = config.case("torch", (64, 64))
-    measurement = benchmark.Measurement(case, progress=lines.append)
-    for sag in benchmark.run_order(case):  # what a worker is told, run by run
+    measurement = Measurement(case, progress=lines.append)
+    for sag in run_order(case):  # what a worker is told, run by run
         measurement.run(sag)
     payload = measurement.finish()
     kinds = ["sag" if ": SAG run" in line else "cfg" for line in lines]
@@ -289,8 +292,7 @@ def test_a_worker_that_dies_mid_run_ends_the_bench_in_one_line(tmp_path):
     os.kill(victim, signal.SIGKILL)
     assert run.finish() == 2
     lines = [line for line in run.stderr.splitlines() if line.startswith("sagrt bench")]
-    assert len(lines) == 1 and lines[0].startswith(
-        "sagrt bench: error: measuring torch at 64x64 failed (worker exit status -9"), run.stderr
+    assert lines == ["sagrt bench: error: measuring torch at 64x64 failed (worker killed by SIGKILL)"], run.stderr
     assert not out.exists()
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists()  # the baseline's worker was ended and reaped too

@@ -51,7 +51,7 @@ def loop_masks(scheduler: str, scale: float, step: int) -> np.ndarray:
     step's CFG call (batch 2), unconditional half, above the default threshold 1.0, each map cell covering 16x16
     pixels (a 4x6 map on the 8x12 latent of 64x96 pixels)."""
     from sagrt.runtime import SAGPipeline
-    from sagrt.runtime.runners import UNetRecorder
+    from sagrt.runners import UNetRecorder
 
     pipe = SAGPipeline.from_pretrained("tiny", scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

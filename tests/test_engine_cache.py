@@ -5,7 +5,7 @@ the GPU boundary: only the TensorRT calls (`require_tensorrt`, `this_platform`, 
 stand-in that writes an engine file; the plan, the cache key, the default folder, reuse, --force and the
 manifest-last rule are sagrt's own code on the real tiny export.
 GPU (marked, skipped without CUDA and TensorRT): text encoder and VAE engines against torch fp32, CUDA-graph
-replays fed new inputs, and a foreign timing cache.
+replays fed new inputs, and foreign timing caches.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sagrt.engine.profiles import BuildConfig, Range
 from sagrt.engine.tensorrt_build import BuildPlan, build_engines
 from sagrt.engine.tensorrt_runner import EngineError, read_engine_manifest
 from sagrt.export import artifacts
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER
 from sagrt.export.onnx_export import export_folder, export_key, export_model
 
 PLATFORM = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.8.0.43"}
@@ -64,12 +64,13 @@ class StandIn:
     def __init__(self):
         self.built, self.fail_on = [], None
 
-    def build_engine(self, trt, logger, onnx_path, engine_path, profile, config, timing_cache, progress):
+    def build_engine(self, trt, logger, onnx_path, engine_path, profiles, config, timing_cache, progress,
+                     own_timing_cache=True):
         network = onnx_path.stem
         if network == self.fail_on:
             raise tensorrt_build.BuildError(f"TensorRT could not build the {network} engine")
-        assert onnx_path.is_file() and set(profile) and config.precision == "fp32"
-        plan = f"{network} engine for {sorted(profile)}".encode()
+        assert onnx_path.is_file() and profiles and config.precision == "fp32"
+        plan = f"{network} engine for {sorted(profiles[0])}".encode()
         artifacts.write_bytes_atomic(engine_path, plan)
         self.built.append(network)
         return hashlib.sha256(plan).hexdigest()
@@ -146,7 +147,7 @@ def engines_fp32(tmp_path_factory):
 def torch_cuda(tiny):
     """The torch reference on the GPU, on a copy: moving the session's tiny modules would move them for every
     CPU test after this one."""
-    from sagrt.runtime.runners import TorchRunners
+    from sagrt.runtime.torch_runners import TorchRunners
 
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # full fp32 convolutions, as the fp32 engines run them
@@ -217,17 +218,23 @@ def test_cuda_graph_replays_take_new_inputs_on_both_unet_batches(tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_foreign_timing_cache_falls_back_to_an_empty_one(tmp_path):
-    """A timing cache TensorRT cannot read (another GPU or version, or damaged) is not used: the build succeeds
-    from an empty cache and the file is replaced by this build's cache."""
+def test_a_foreign_timing_cache_is_started_afresh_in_the_engine_folder_and_refused_when_named(tmp_path):
+    """A timing cache TensorRT cannot read (another GPU or version, or damaged): sagrt's own in the engine folder
+    is replaced by this build's; one the user named is refused and left as it was (the CPU test in
+    test_tensorrt.py checks the same rule on a stand-in builder config)."""
     pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'sagrt[tensorrt]')")
     from sagrt.engine.tensorrt_build import build_for_model
 
-    cache = tmp_path / "timing.cache"
     garbage = b"not a timing cache" * 64
-    cache.write_bytes(garbage)
-    config = BuildConfig(precision="fp32", batch=Range(1, 1, 1), height=Range(64, 64, 64), width=Range(64, 64, 64),
-                         static=True, timing_cache=str(cache))
-    engines = build_for_model("tiny", config, tmp_path / "engines", progress=False)
-    assert read_engine_manifest(engines)["build_config"]["timing_cache"] == str(cache)
-    assert cache.stat().st_size > 0 and cache.read_bytes() != garbage
+    static = dict(precision="fp32", batch=Range(1, 1, 1), height=Range(64, 64, 64), width=Range(64, 64, 64),
+                  static=True)
+    own = tmp_path / "engines" / "timing.cache"
+    own.parent.mkdir()
+    own.write_bytes(garbage)
+    engines = build_for_model("tiny", BuildConfig(**static), own.parent, progress=False)
+    assert read_engine_manifest(engines)["cache_key"] and own.stat().st_size > 0 and own.read_bytes() != garbage
+    named = tmp_path / "mine.cache"
+    named.write_bytes(garbage)
+    with pytest.raises(tensorrt_build.BuildError, match="will not overwrite it"):
+        build_for_model("tiny", BuildConfig(**static, timing_cache=str(named)), tmp_path / "other", progress=False)
+    assert named.read_bytes() == garbage

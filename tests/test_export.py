@@ -14,8 +14,8 @@ from conftest import relative_error
 from sagrt.export import artifacts, specs
 from sagrt.export.onnx_export import (FUSED_UNET, ExportError, export_model, network_specs, split_geglu,
                                       verify_export)
-from sagrt.export.trt_compat import check_model
-from sagrt.runtime.runners import TorchRunners
+from sagrt.export.trt_compat import tensorrt_findings
+from sagrt.runtime.torch_runners import TorchRunners
 
 BOUND = 1e-5
 NETWORKS = ("unet", "text_encoder", "vae_decoder")
@@ -52,7 +52,7 @@ def test_fused_graph_passes_checker_and_has_one_fused_attention_per_layer(tiny, 
     inferred = onnx.shape_inference.infer_shapes(model)  # com.microsoft ops have no ONNX schema: not strict
     assert len(inferred.graph.value_info) > 0
     # the fused graph is ONNX Runtime's: the TensorRT parser check names its fused attention nodes, nothing else
-    findings = check_model(tiny_onnx / f"{FUSED_UNET}.onnx")
+    findings = tensorrt_findings(tiny_onnx / f"{FUSED_UNET}.onnx")
     assert len(findings) == attention_layers - 1 and {f.op for f in findings} == {"MultiHeadAttention"}
 
 
@@ -295,7 +295,7 @@ def test_fp16_export_keeps_the_score_float32(tiny, tmp_path):
 
 @pytest.mark.parametrize("network", NETWORKS)
 def test_exported_graphs_pass_the_tensorrt_parser_check(tiny_onnx, network):
-    assert check_model(tiny_onnx / f"{network}.onnx") == []
+    assert tensorrt_findings(tiny_onnx / f"{network}.onnx") == []
 
 
 def test_tensorrt_check_reports_unsupported_ops_and_attributes():
@@ -312,7 +312,7 @@ def test_tensorrt_check_reports_unsupported_ops_and_attributes():
                          [h.make_tensor_value_info("ok", onnx.TensorProto.FLOAT, None)],
                          initializer=[h.make_tensor("scales", onnx.TensorProto.FLOAT, [4], [1, 1, 2, 2])])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 22), h.make_opsetid("com.microsoft", 1)])
-    findings = {(f.node, f.op): f.reason for f in check_model(model)}
+    findings = {(f.node, f.op): f.reason for f in tensorrt_findings(model)}
     assert set(findings) == {("(model)", "opset"), ("det", "Det"), ("resize", "Resize"), ("pool", "MaxPool"),
                              ("fused", "FusedGemm")}
     assert "mode='cubic'" in findings[("resize", "Resize")]

@@ -13,12 +13,12 @@ from sagrt.engine.onnxruntime_runner import OrtInputError, OrtRunners, ProviderE
 from sagrt.export import artifacts
 from sagrt.export.onnx_export import ExportError
 from sagrt.runtime import SAGPipeline
-from sagrt.runtime.backends import resolve_auto
 from sagrt.runtime.cli import main
-from sagrt.runtime.runners import ModelInfo, TorchRunners
+from sagrt.runners import ModelInfo
+from sagrt.runtime.torch_runners import TorchRunners
 
-# final latents after the whole loop, onnxruntime fp32 vs torch fp32 on CPU: DESIGN.md's 1e-3 (the parity command's
-# default) is for any machine and provider; here the same CPU kernels give ~1e-6, so a real drift shows at 1e-5
+# final latents after the whole loop, onnxruntime fp32 vs torch fp32 on CPU: docs/design.md's 1e-3 (the parity
+# command's default) is for any machine and provider; here the same CPU kernels agree closely, so a drift shows at 1e-5
 LOOP_BOUND = 1e-5
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -96,9 +96,10 @@ def test_provider_resolution():
 
 def test_auto_backend_picks_onnxruntime_without_tensorrt():
     from sagrt.engine.tensorrt_build import tensorrt_missing
+    from sagrt.runtime.backends import resolve_backend
 
     expected = "onnxruntime" if tensorrt_missing() else "tensorrt"
-    assert resolve_auto("auto") == expected and resolve_auto("torch") == "torch"
+    assert resolve_backend("auto").name == expected and resolve_backend("torch").name == "torch"
 
 
 @pytest.mark.gpu
@@ -289,5 +290,20 @@ def test_export_of_another_precision_names_the_command_that_makes_it(tiny_onnx):
 def test_unknown_backend_option_is_refused():
     from sagrt.runtime.backends import BackendError
 
-    with pytest.raises(BackendError, match="no options \\['bogus'\\]"):
+    with pytest.raises(BackendError, match="backend onnxruntime takes no option bogus"):
         SAGPipeline.from_pretrained("tiny", backend="onnxruntime", bogus=1)
+    with pytest.raises(BackendError, match="backend torch takes no option export_dir"):
+        SAGPipeline.from_pretrained("tiny", backend="torch", export_dir="x")  # not silently dropped
+    with pytest.raises(BackendError, match="backend onnxruntime runs in fp32 or fp16, not 'bf16'"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", precision="bf16")
+
+
+def test_cli_names_the_flag_a_backend_does_not_take(tmp_path, capsys):
+    assert main(["generate", "--backend", "torch", "--export-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "backend torch takes no option --export-dir" in capsys.readouterr().err
+
+
+def test_an_export_for_another_sag_layer_is_refused(tiny_onnx):
+    with pytest.raises(ExportError, match="sag_layer: found 'mid_block.*wanted 'up_blocks.1.*--sag-layer up_blocks"):
+        SAGPipeline.from_pretrained("tiny", backend="onnxruntime", export_dir=tiny_onnx,
+                                    sag_layer="up_blocks.1.attentions.0.transformer_blocks.0.attn1")

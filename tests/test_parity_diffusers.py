@@ -6,7 +6,8 @@ import torch
 
 from conftest import diffusers_pipeline, relative_error
 from sagrt.runtime import SAGPipeline
-from sagrt.runtime.runners import ModelInfo, TorchRunners
+from sagrt.runners import ModelInfo
+from sagrt.runtime.torch_runners import TorchRunners
 from sagrt.runtime.schedulers import make_scheduler
 
 BOUND = 1e-5

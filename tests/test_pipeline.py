@@ -11,7 +11,8 @@ from sagrt.export.attention import MID_BLOCK_LAYER, SAGLayerError, capture_sag_s
 from sagrt.export.models import ModelError, load_model
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.pipeline import InputError
-from sagrt.runtime.runners import ModelInfo, TorchRunners
+from sagrt.runners import ModelInfo
+from sagrt.runtime.torch_runners import TorchRunners
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_a_latent_too_small_to_reflect_is_blurred_with_replicated_edges(tiny, pi
     from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
     from scipy.ndimage import gaussian_filter
 
-    from sagrt.runtime.runners import UNetRecorder
+    from sagrt.runners import UNetRecorder
 
     with pytest.raises(RuntimeError, match="(?i)padding size"):
         gaussian_blur_2d(torch.zeros(1, 4, 3, 2), 9, 1.0)

@@ -5,12 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.cli import build_parser, main
 from sagrt.runtime.commands.common import sag_config
 from sagrt.runtime.pipeline import InputError, SAGConfig
-from sagrt.runtime.runners import ModelInfo, TorchRunners
+from sagrt.runners import ModelInfo
+from sagrt.runtime.torch_runners import TorchRunners
 from sagrt.runtime.schedulers import make_scheduler
 from test_schedulers import SpyRunners
 
@@ -121,5 +122,5 @@ def test_layer_choice_sets_the_score_map(tiny):
     assert mid.shape == (2, 4, 6) and up.shape == (2, 8, 12)
     assert torch.allclose(up.mean(dim=(1, 2)), torch.ones(2), atol=1e-5)  # attention received, mean 1.0
 
-    pipe = SAGPipeline.from_pretrained("tiny", sag_layer=UP_LAYER)
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch", sag_layer=UP_LAYER)
     assert pipe.runners.sag_layer == UP_LAYER and pipe.info.sag_layer == UP_LAYER

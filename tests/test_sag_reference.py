@@ -22,7 +22,8 @@ from conftest import relative_error
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.guidance import gaussian_blur_2d, sag_mask
 from sagrt.runtime.pipeline import SAGConfig
-from sagrt.runtime.runners import ModelInfo, RunnersProxy, TorchRunners
+from sagrt.runners import ModelInfo, RunnersProxy
+from sagrt.runtime.torch_runners import TorchRunners
 from sagrt.runtime.schedulers import (PREDICTION_TYPES, SCHEDULERS, UNSUPPORTED_PREDICTIONS, make_scheduler,
                                       predict_x0_eps)
 

@@ -19,10 +19,11 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from conftest import diffusers_pipeline, relative_error
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER
 from sagrt.runtime import SAGPipeline
 from sagrt.runtime.pipeline import SAGConfig
-from sagrt.runtime.runners import ModelInfo, TorchRunners, UNetRecorder
+from sagrt.runners import ModelInfo, UNetRecorder
+from sagrt.runtime.torch_runners import TorchRunners
 from sagrt.runtime.schedulers import (PREDICTION_TYPES, SCHEDULERS, UNSUPPORTED_PREDICTIONS, SchedulerError,
                                       make_scheduler, predict_x0_eps, renoise)
 

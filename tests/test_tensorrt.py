@@ -5,8 +5,12 @@ The CPU tests use an export manifest made from export/specs.py for the tiny mode
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import shlex
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,16 +18,17 @@ import pytest
 import torch
 
 from conftest import relative_error
+from sagrt.engine.cuda_graphs import capture_graph
 from sagrt.engine.profiles import (BuildConfig, BuildConfigError, ProfileError, Range, build_profiles, cache_key,
-                                   check_shapes, engine_filename)
+                                   check_shapes, engine_filename, pick_profile)
 from sagrt.engine.tensorrt_build import (BuildError, BuildPlan, BuildProgress, check_output_dtypes, rebuild_command,
                                          tensorrt_missing)
-from sagrt.engine.tensorrt_runner import (Engine, EngineError, EngineStateError, TRT_TO_TORCH, check_platform,
-                                          read_engine_manifest, shape_rebuild_command, torch_dtype)
+from sagrt.engine.tensorrt_runner import (DeviceMemory, Engine, EngineError, EngineStateError, TRT_TO_TORCH, _key,
+                                          check_platform, read_engine_manifest, shape_rebuild_command, torch_dtype)
 from sagrt.export.artifacts import write_manifest
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.networks import MID_BLOCK_LAYER
 from sagrt.export.specs import text_encoder_spec, unet_spec, vae_decoder_spec
-from sagrt.runtime.runners import ModelInfo
+from sagrt.runners import ModelInfo
 
 PLATFORM = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.8.0.43"}
 TRT_USABLE = not tensorrt_missing()
@@ -112,9 +117,12 @@ def test_build_cli_bad_range_exits_2(capsys):
 # ---- profiles ----------------------------------------------------------------------------------
 def test_unet_profile_covers_degraded_and_cfg_passes(export_dir, info):
     plan = BuildPlan.make(export_dir, BuildConfig(batch=Range(1, 1, 4)), PLATFORM)
-    unet, text, vae = plan.profiles["unet"], plan.profiles["text_encoder"], plan.profiles["vae_decoder"]
+    (unet, unet_b), (text,), (vae,) = plan.profiles["unet"], plan.profiles["text_encoder"], plan.profiles["vae_decoder"]
     # batch B (degraded pass) .. 2B (CFG pass), opt at the CFG pass; latent = pixels / 8: 32:64:128 -> 4:8:16
     assert unet["sample"] == [[1, 4, 4, 4], [2, 4, 8, 8], [8, 4, 16, 16]]
+    # the second profile: the same range, tuned for the degraded pass at B
+    assert unet_b["sample"] == [[1, 4, 4, 4], [1, 4, 8, 8], [8, 4, 16, 16]]
+    assert unet_b["encoder_hidden_states"] == [[1, 77, 32], [1, 77, 32], [8, 77, 32]]
     assert unet["encoder_hidden_states"] == [[1, 77, 32], [2, 77, 32], [8, 77, 32]]
     assert unet["timestep"] == [[1], [1], [1]]
     assert text == {"input_ids": [[1, 77], [1, 77], [4, 77]]}
@@ -124,8 +132,9 @@ def test_unet_profile_covers_degraded_and_cfg_passes(export_dir, info):
 def test_static_profile_keeps_both_unet_batches(export_dir):
     plan = BuildPlan.make(export_dir, BuildConfig(batch=Range(2, 2, 2), height=Range(48, 48, 48),
                                                   width=Range(64, 64, 64), static=True), PLATFORM)
-    assert plan.profiles["unet"]["sample"] == [[2, 4, 6, 8], [4, 4, 6, 8], [4, 4, 6, 8]]
-    assert plan.profiles["vae_decoder"]["latent"] == [[1, 4, 6, 8], [2, 4, 6, 8], [2, 4, 6, 8]]
+    assert [p["sample"] for p in plan.profiles["unet"]] == [[[2, 4, 6, 8], [4, 4, 6, 8], [4, 4, 6, 8]],
+                                                            [[2, 4, 6, 8], [2, 4, 6, 8], [4, 4, 6, 8]]]
+    assert plan.profiles["vae_decoder"][0]["latent"] == [[1, 4, 6, 8], [2, 4, 6, 8], [2, 4, 6, 8]]
 
 
 # ---- cache keys, paths, plans ------------------------------------------------------------------
@@ -160,8 +169,8 @@ def test_cache_key_follows_the_weights_stored_beside_a_graph(export_dir, info):
 
 
 def test_plan_refuses_wrong_precision_and_non_exports(export_dir, tmp_path):
-    with pytest.raises(BuildError, match="the export in .* is fp16 but the build asks for fp32: export with "
-                                         "--precision fp32"):
+    with pytest.raises(BuildError, match="the export in .* is fp16 but the build asks for fp32: make an fp32 "
+                                         "export \\(sagrt export --precision fp32\\)"):
         BuildPlan.make(export_dir, BuildConfig(precision="fp32"), PLATFORM)
     with pytest.raises(BuildError, match="holds no sagrt ONNX export"):
         BuildPlan.make(tmp_path / "nothing", BuildConfig(), PLATFORM)
@@ -178,7 +187,7 @@ def test_engine_manifest_records_what_engines_depend_on(export_dir, tmp_path):
     assert manifest["kind"] == "tensorrt" and manifest["cache_key"] == plan.key
     assert {k: manifest[k] for k in PLATFORM} == PLATFORM
     assert manifest["precision"] == "fp16" and manifest["onnx"]["unet"]["sha256"] == hashlib.sha256(b"unet").hexdigest()
-    assert manifest["engines"]["unet"]["profile"] == plan.profiles["unet"]
+    assert manifest["engines"]["unet"]["profiles"] == plan.profiles["unet"]
     assert manifest["engines"]["unet"]["file"] == "unet.trt10.8.0.43.plan"
     assert BuildConfig.from_dict(manifest["build_config"]) == plan.config
     assert not plan.is_built(tmp_path / "engines")
@@ -231,7 +240,7 @@ def test_missing_engine_manifest_says_how_to_build(tmp_path):
 # ---- shape checks ----------------------------------------------------------------------------------
 def test_shapes_inside_the_profile_pass(export_dir, tmp_path):
     plan, _ = engine_manifest(export_dir)
-    profile = plan.profiles["unet"]
+    profile = plan.profiles["unet"][0]
     for batch in (1, 2, 8):  # B and 2B of batch 1, and 2B of the largest batch 4
         check_shapes("unet", {"sample": (batch, 4, 5, 16), "timestep": (1,), "encoder_hidden_states": (batch, 77, 32)},
                      profile, lambda: pytest.fail("no rebuild needed"))
@@ -241,7 +250,7 @@ def test_shape_outside_the_profile_names_tensor_and_covering_build(export_dir, t
     plan, manifest = engine_manifest(export_dir)
     shapes = {"sample": (16, 4, 8, 24), "timestep": (1,), "encoder_hidden_states": (16, 77, 32)}
     with pytest.raises(ProfileError) as err:
-        check_shapes("unet", shapes, plan.profiles["unet"],
+        check_shapes("unet", shapes, plan.profiles["unet"][0],
                      lambda: shape_rebuild_command(manifest, tmp_path / "engines", "unet", shapes))
     message = str(err.value)
     assert message.startswith("TensorRT engine unet: sample shape (16, 4, 8, 24) is outside the built profile "
@@ -254,15 +263,15 @@ def test_shape_outside_the_profile_names_tensor_and_covering_build(export_dir, t
 
     wider = build_config(build_parser().parse_args(command[1:]))
     profiles = build_profiles(plan.export, wider.resolved(ModelInfo(**plan.export["model_info"])), 8)
-    check_shapes("unet", shapes, profiles["unet"], lambda: pytest.fail("the suggested build must cover the call"))
+    check_shapes("unet", shapes, profiles["unet"][0], lambda: pytest.fail("the suggested build must cover the call"))
 
 
 def test_shape_check_refuses_missing_inputs_and_wrong_rank(export_dir, tmp_path):
     plan, _ = engine_manifest(export_dir)
     with pytest.raises(ProfileError, match=r"TensorRT engine vae_decoder: input 'latent' missing"):
-        check_shapes("vae_decoder", {"sample": (1, 4, 8, 8)}, plan.profiles["vae_decoder"], lambda: "")
+        check_shapes("vae_decoder", {"sample": (1, 4, 8, 8)}, plan.profiles["vae_decoder"][0], lambda: "")
     with pytest.raises(ProfileError, match=r"latent shape \(1, 4, 8\) is outside"):
-        check_shapes("vae_decoder", {"latent": (1, 4, 8)}, plan.profiles["vae_decoder"], lambda: "sagrt build")
+        check_shapes("vae_decoder", {"latent": (1, 4, 8)}, plan.profiles["vae_decoder"][0], lambda: "sagrt build")
 
 
 # ---- dtypes, outputs, progress -------------------------------------------------------------------------
@@ -296,14 +305,46 @@ def test_build_progress_follows_nested_phases(capsys):
 
 
 # ---- Engine life cycle (state checks run before any TensorRT call) ---------------------------------------
+class FakeContext:
+    """The IExecutionContext calls Engine makes, recorded; scratch need grows with the batch."""
+
+    def __init__(self, engine):
+        self.engine, self.shapes, self.calls, self.profile = engine, {}, [], None
+
+    def set_optimization_profile_async(self, index, stream_handle):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return tuple(shape) not in self.engine.refused_shapes
+
+    def update_device_memory_size_for_shapes(self):
+        return 1000 * self.shapes[self.engine.io[0][0]][0]  # 1000 bytes per batch item
+
+    def set_device_memory(self, pointer, size):
+        self.calls.append(("memory", pointer, size))
+
+    def get_tensor_shape(self, name):
+        return self.shapes[self.engine.io[0][0]]
+
+    def set_tensor_address(self, name, pointer):
+        self.calls.append(("address", name))
+
+    def execute_async_v3(self, stream_handle):
+        self.calls.append(("execute",))
+        return True
+
+
 class FakeCudaEngine:
-    """The ICudaEngine attributes Engine.load reads, for the life-cycle checks."""
+    """The ICudaEngine calls Engine makes: I/O tables, profiles, contexts."""
 
-    device_memory_size_v2 = 1024
+    device_memory_size_v2 = 1 << 20
 
-    def __init__(self, io):
+    def __init__(self, io, profiles=1):
         self.io = io  # [(name, mode, dtype name)]
-        self.num_io_tensors = len(io)
+        self.num_io_tensors, self.num_optimization_profiles = len(io), profiles
+        self.refused_shapes, self.contexts = set(), []
 
     def get_tensor_name(self, i):
         return self.io[i][0]
@@ -314,19 +355,48 @@ class FakeCudaEngine:
     def get_tensor_dtype(self, name):
         return SimpleNamespace(name=dict((n, d) for n, _, d in self.io)[name])
 
+    def create_execution_context(self, strategy):
+        assert strategy == "user-managed"  # sagrt gives every context its scratch memory
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
 
-FAKE_TRT = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"))
+
+FAKE_TRT = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),
+                           ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user-managed"))
+VAE_PROFILE = {"latent": [[1, 4, 4, 4], [1, 4, 8, 8], [4, 4, 16, 16]]}
+
+
+class FakeStream:
+    """A stream handle that counts host synchronisations."""
+
+    cuda_stream = 0
+
+    def __init__(self):
+        self.synchronized = 0
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+def loaded_engine(tmp_path, profiles=(VAE_PROFILE,), **kwargs) -> Engine:
+    path = tmp_path / "vae_decoder.plan"
+    path.write_bytes(b"plan")
+    engine = Engine("vae_decoder", path, list(profiles), **kwargs)
+    engine.load(FAKE_TRT, SimpleNamespace(deserialize_cuda_engine=lambda data: FakeCudaEngine(
+        [("latent", "in", "FLOAT"), ("image", "out", "FLOAT")], len(profiles))))
+    return engine
 
 
 def test_engine_life_cycle_is_state_checked(tmp_path):
     path = tmp_path / "vae_decoder.plan"
     path.write_bytes(b"plan")
-    engine = Engine("vae_decoder", path, {"latent": [[1, 4, 4, 4], [1, 4, 8, 8], [4, 4, 16, 16]]})
+    engine = Engine("vae_decoder", path, [VAE_PROFILE])
+    memory = DeviceMemory(torch.device("cpu"), FakeStream())
     with pytest.raises(EngineStateError, match=r"TensorRT engine vae_decoder: infer\(\) needs the engine active, "
                                                r"it is new .*call load\(\) first"):
         engine.infer({"latent": torch.zeros(1, 4, 8, 8)}, stream=None)
     with pytest.raises(EngineStateError, match=r"activate\(\) needs the engine loaded"):
-        engine.activate(torch.empty(1024, dtype=torch.uint8))
+        engine.activate(memory)
 
     runtime = SimpleNamespace(deserialize_cuda_engine=lambda data: FakeCudaEngine(
         [("latent", "in", "HALF"), ("image", "out", "HALF")]) if data == b"plan" else None)
@@ -335,20 +405,28 @@ def test_engine_life_cycle_is_state_checked(tmp_path):
     assert engine.outputs == {"image": torch.float16}
     with pytest.raises(EngineStateError, match=r"load\(\) needs the engine new, it is loaded"):
         engine.load(FAKE_TRT, runtime)
-    with pytest.raises(EngineStateError, match="device memory of 512 bytes, needs 1024"):
-        engine.activate(torch.empty(512, dtype=torch.uint8))
-    engine.activate(torch.empty(1024, dtype=torch.uint8))
+    engine.activate(memory)
     assert engine.state == "active"
     with pytest.raises(EngineStateError, match=r"inputs \['sample'\] given, expects \['latent'\]"):
         engine.infer({"sample": torch.zeros(1, 4, 8, 8)}, stream=None)
-    # the profile check comes before any TensorRT call (the fake engine has no create_execution_context)
+    # the profile check comes before any TensorRT call
     with pytest.raises(ProfileError, match=r"vae_decoder: latent shape \(8, 4, 8, 8\) is outside the built profile "
                                            r"\(1, 4, 4, 4\)..\(4, 4, 16, 16\); .*: sagrt build --force"):
         engine.infer({"latent": torch.zeros(8, 4, 8, 8)}, stream=None)
+    assert engine.engine.contexts == []
     engine.deactivate()
-    assert engine.state == "loaded" and engine.device_memory is None
+    assert engine.state == "loaded" and engine.memory is None
     with pytest.raises(EngineStateError, match=r"deactivate\(\) needs the engine active"):
         engine.deactivate()
+
+
+def test_engine_refuses_a_plan_with_other_profiles_than_its_manifest(tmp_path):
+    path = tmp_path / "unet.plan"
+    path.write_bytes(b"plan")
+    engine = Engine("unet", path, [VAE_PROFILE, VAE_PROFILE])
+    with pytest.raises(EngineError, match=r"has 1 optimisation profile\(s\), its manifest lists 2: rebuild"):
+        engine.load(FAKE_TRT, SimpleNamespace(deserialize_cuda_engine=lambda data: FakeCudaEngine(
+            [("latent", "in", "FLOAT")], profiles=1)))
 
 
 def test_engine_refuses_a_plan_tensorrt_cannot_load(tmp_path):
@@ -357,6 +435,255 @@ def test_engine_refuses_a_plan_tensorrt_cannot_load(tmp_path):
     engine = Engine("unet", path, {})
     with pytest.raises(EngineError, match=r"TensorRT could not load .*unet.plan .*rebuild it with sagrt build --force"):
         engine.load(FAKE_TRT, SimpleNamespace(deserialize_cuda_engine=lambda data: None))
+
+
+# ---- profiles per call, scratch memory, CUDA graphs (Engine on CPU stand-ins) ---------------------------------
+def test_each_unet_call_runs_in_the_profile_tuned_for_its_batch(export_dir):
+    plan, _ = engine_manifest(export_dir, BuildConfig(batch=Range(1, 2, 4)))
+    profiles = plan.profiles["unet"]
+    call = lambda b: {"sample": (b, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (b, 77, 32)}  # noqa: E731
+    assert pick_profile(profiles, call(4)) == 0  # the CFG pass at 2B (B = 2)
+    assert pick_profile(profiles, call(2)) == 1  # the degraded pass at B
+    assert pick_profile(profiles, call(1)) == 1 and pick_profile(profiles, call(8)) == 0
+    assert pick_profile(profiles, call(9)) == -1  # outside every profile
+    assert pick_profile([profiles[0], profiles[0]], call(4)) == 0  # ties go to the first
+
+
+def test_allocate_selects_the_profile_and_sizes_scratch_for_the_shapes(tmp_path):
+    low = {"latent": [[1, 4, 4, 4], [1, 4, 8, 8], [4, 4, 16, 16]]}
+    high = {"latent": [[1, 4, 4, 4], [4, 4, 8, 8], [4, 4, 16, 16]]}
+    engine, stream = loaded_engine(tmp_path, profiles=(high, low)), FakeStream()
+    memory = DeviceMemory(torch.device("cpu"), stream)
+    engine.activate(memory)
+    one = engine.allocate({"latent": (1, 4, 8, 8)}, stream)
+    assert one.profile == 1 and one.memory_size == 1000 and memory.size == 1000 and stream.synchronized == 0
+    assert one.context.calls[0] == ("memory", memory.data_ptr(), 1000)
+    assert one.tensors["image"].shape == (1, 4, 8, 8)
+    four = engine.allocate({"latent": (4, 4, 8, 8)}, stream)  # a larger shape: the buffer grows
+    assert four.profile == 0 and memory.size == 4000 and memory.generation == 2
+    assert stream.synchronized == 1  # the old buffer was freed only after the stream finished with it
+    one.graph = "captured in the old buffer"
+    engine._point_at_memory(one)  # infer does this before every call
+    assert one.context.calls[-1] == ("memory", memory.data_ptr(), 4000) and one.graph is None
+    engine.allocate({"latent": (2, 4, 8, 8)}, stream)  # smaller: the 4000-byte buffer serves it
+    assert memory.size == 4000 and memory.generation == 2 and memory.size < engine.max_device_memory_size
+    engine.deactivate()
+    assert stream.synchronized == 2
+    memory.release()
+    assert memory.size == 0 and stream.synchronized == 3
+
+
+def test_allocate_refuses_an_input_shape_tensorrt_rejects(tmp_path):
+    engine, stream = loaded_engine(tmp_path), FakeStream()
+    engine.activate(DeviceMemory(torch.device("cpu"), stream))
+    engine.engine.refused_shapes.add((2, 4, 8, 8))
+    with pytest.raises(EngineError, match=r"TensorRT engine vae_decoder refused input latent of shape "
+                                          r"\(2, 4, 8, 8\) in profile 0 \(see the TensorRT log\): rebuild with"):
+        engine.allocate({"latent": (2, 4, 8, 8)}, stream)
+
+
+def test_shapes_kept_per_engine_are_bounded_least_recently_used_first(tmp_path):
+    engine, stream = loaded_engine(tmp_path, max_shapes=2), FakeStream()
+    engine.activate(DeviceMemory(torch.device("cpu"), stream))
+    for batch in (1, 2):
+        engine.allocate({"latent": (batch, 4, 8, 8)}, stream)
+    engine.bindings[_key({"latent": (1, 4, 8, 8)})] = engine.bindings.pop(_key({"latent": (1, 4, 8, 8)}))  # used
+    waits = stream.synchronized
+    engine.allocate({"latent": (3, 4, 8, 8)}, stream)
+    assert [dict(k)["latent"][0] for k in engine.bindings] == [1, 3]  # batch 2 was the least recently used
+    assert stream.synchronized > waits  # its buffers were dropped after the stream finished with them
+
+
+class StandInGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def stand_in_capture(log: list):
+    """A stand-in for torch.cuda.graph: raises at the capture's end when the captured step broke the capture,
+    as torch does when cudaStreamEndCapture reports an invalidated capture."""
+
+    @contextlib.contextmanager
+    def graph_context(graph, stream=None, capture_error_mode="global"):
+        log.append(("begin", capture_error_mode))
+        yield
+        if "broken" in log:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        log.append("end")
+
+    return graph_context
+
+
+def test_cuda_graph_capture_failure_falls_back_to_plain_execution(tmp_path):
+    log = []
+    capture = functools.partial(capture_graph, graph_factory=StandInGraph, graph_context=stand_in_capture(log),
+                                clear_error=lambda: log.append("cleared"))
+    engine, stream = loaded_engine(tmp_path, capture=capture), FakeStream()
+    engine.activate(DeviceMemory(torch.device("cpu"), stream))
+    binding = engine.allocate({"latent": (1, 4, 8, 8)}, stream)
+    enqueue = binding.context.execute_async_v3
+
+    def capture_breaking_step(handle):  # e.g. an enqueue that synchronises while the stream captures
+        if log and log[-1] == ("begin", "thread_local"):
+            log.append("broken")
+        return enqueue(handle)
+
+    binding.context.execute_async_v3 = capture_breaking_step
+    with pytest.warns(RuntimeWarning, match=r"vae_decoder: CUDA graph capture failed \(RuntimeError: CUDA error: "
+                                            r"operation not permitted when stream is capturing\); running shape "
+                                            r"latent \(1, 4, 8, 8\).* without a graph"):
+        engine._execute(binding, stream)
+    assert log == [("begin", "thread_local"), "broken", "cleared"]
+    assert binding.graph is None and binding.graph_error.startswith("RuntimeError")
+    executed = lambda: sum(call == ("execute",) for call in binding.context.calls)  # noqa: E731
+    assert executed() == 2  # the plain run, and the enqueue under the broken capture
+    engine._execute(binding, stream)  # later calls run plainly, without trying to capture again
+    engine._execute(binding, stream)
+    assert executed() == 4 and binding.runs == 3 and len(log) == 3
+
+
+def test_cuda_graph_is_captured_after_one_plain_run_then_replayed(tmp_path):
+    log = []
+    capture = functools.partial(capture_graph, graph_factory=StandInGraph, graph_context=stand_in_capture(log))
+    engine, stream = loaded_engine(tmp_path, capture=capture), FakeStream()
+    engine.activate(DeviceMemory(torch.device("cpu"), stream))
+    binding = engine.allocate({"latent": (1, 4, 8, 8)}, stream)
+    for _ in range(3):
+        engine._execute(binding, stream)
+    assert log == [("begin", "thread_local"), "end"] and binding.graph.replays == 2 and binding.runs == 1
+    off = loaded_engine(tmp_path, capture=capture, cuda_graph=False)
+    off.activate(DeviceMemory(torch.device("cpu"), stream))
+    plain = off.allocate({"latent": (1, 4, 8, 8)}, stream)
+    off._execute(plain, stream)
+    assert plain.graph is None and len(log) == 2  # the switch turns capture off
+
+
+def test_capture_reports_an_enqueue_that_fails_under_capture():
+    log = []
+    captured = capture_graph(lambda: False, None, graph_factory=StandInGraph, graph_context=stand_in_capture(log),
+                             clear_error=lambda: log.append("cleared"))
+    assert captured.graph is None and captured.error == "CaptureBroken: the enqueue under capture returned False"
+    assert log[-1] == "cleared"
+
+
+# ---- the loop keeps the GPU queue full: timing by events, no host reads of GPU scalars ----------------------------
+def test_stage_clock_gives_the_time_between_marks():
+    from sagrt.runtime.timing import StageClock
+
+    clock = StageClock(torch.device("cpu"))
+    assert clock.durations() == []
+    clock.mark("start")
+    time.sleep(0.01)
+    clock.mark("text")
+    clock.mark("step")
+    (first, text), (second, step) = clock.durations()
+    assert (first, second) == ("text", "step") and text >= 0.01 and 0 <= step < text
+
+
+def test_pipeline_timings_come_from_one_clock(tiny):
+    from sagrt.runtime.pipeline import SAGPipeline
+    from sagrt.runtime.torch_runners import TorchRunners
+
+    pipe = SAGPipeline(TorchRunners(tiny), tiny.tokenizer, tiny.scheduler, ModelInfo.of(tiny))
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    wall, t = time.perf_counter() - start, pipe.timings
+    assert len(t.steps) == 3 and all(s > 0 for s in t.steps) and t.text > 0 and t.decode > 0
+    assert t.text + sum(t.steps) + t.decode <= t.total <= wall
+
+
+def test_schedule_scalars_stay_host_scalars_for_gpu_math(tiny):
+    from sagrt.runtime.schedulers import alphas_cumprod_at, scalar_like
+
+    like = torch.zeros(2, dtype=torch.float16)
+    value = scalar_like(torch.tensor(0.5, dtype=torch.float64), like)
+    assert value.dtype == torch.float16 and value.device.type == "cpu" and value.dim() == 0
+    scheduler = copy.deepcopy(tiny.scheduler)
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[1]
+    assert alphas_cumprod_at(scheduler, t) == scheduler.alphas_cumprod[int(t)]
+    assert alphas_cumprod_at(scheduler, int(t)) == scheduler.alphas_cumprod[int(t)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_sag_math_reads_nothing_back_from_the_gpu(tiny, name):
+    """x0, eps and the degraded input of a step on CUDA with a CUDA timestep: no synchronising call (torch's sync
+    debug mode turns one into an error). The scheduler tables reach the GPU during a first, warm-up call."""
+    from sagrt.runtime import schedulers as sched
+
+    scheduler = sched.make_scheduler(name, tiny.scheduler.config)
+    scheduler.set_timesteps(4, device="cuda")
+    x, eps = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
+    t = scheduler.timesteps[1]
+    scheduler._step_index = 1 if hasattr(scheduler, "_step_index") else None
+    sched.renoise(scheduler, *sched.predict_x0_eps(scheduler, x, eps, t), t)  # warm-up: tables move once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sched.renoise(scheduler, *sched.predict_x0_eps(scheduler, x, eps, t), t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- builder settings --------------------------------------------------------------------------------------
+class FakeBuilderConfig:
+    """IBuilderConfig's timing-cache and flag calls; a cache is accepted when its bytes say 'ours'."""
+
+    def __init__(self):
+        self.flags, self.preview, self.cache = [], {}, None
+        self.builder_optimization_level = None
+
+    def create_timing_cache(self, data):
+        return SimpleNamespace(data=bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        if cache.data not in (b"", b"ours"):
+            return False
+        self.cache = cache
+        return True
+
+    def clear_flag(self, flag):
+        self.flags.append(("clear", flag))
+
+    def set_preview_feature(self, feature, on):
+        self.preview[feature] = on
+
+
+def test_a_foreign_timing_cache_is_kept_and_refused_when_named(tmp_path):
+    from sagrt.engine.tensorrt_build import load_timing_cache
+
+    named = tmp_path / "shared.cache"
+    named.write_bytes(b"from an A100")
+    with pytest.raises(BuildError, match=r"timing cache .*shared.cache was written by another GPU or TensorRT "
+                                         r"version \(or is damaged\), and sagrt will not overwrite it: pass another "
+                                         r"--timing-cache FILE, or delete it"):
+        load_timing_cache(None, FakeBuilderConfig(), named, own=False)
+    assert named.read_bytes() == b"from an A100"
+    config = FakeBuilderConfig()
+    assert load_timing_cache(None, config, named, own=True).data == b"" and config.cache.data == b""
+    named.write_bytes(b"ours")
+    assert load_timing_cache(None, FakeBuilderConfig(), named, own=False).data == b"ours"
+    assert load_timing_cache(None, FakeBuilderConfig(), tmp_path / "new.cache", own=False).data == b""
+
+
+def test_builder_asks_for_scratch_sized_by_shapes_where_tensorrt_has_it():
+    from sagrt.engine.tensorrt_build import configure
+
+    trt = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="tf32"), MemoryPoolType=SimpleNamespace(WORKSPACE="ws"),
+                          PreviewFeature=SimpleNamespace(RUNTIME_ACTIVATION_RESIZE_10_10="resize"))
+    config = FakeBuilderConfig()
+    configure(trt, config, BuildConfig(precision="fp32", optimization_level=4))
+    assert config.preview == {"resize": True} and config.flags == [("clear", "tf32")]
+    assert config.builder_optimization_level == 4
+    older = FakeBuilderConfig()  # TensorRT before 10.10 has no such preview feature
+    configure(SimpleNamespace(**{**vars(trt), "PreviewFeature": SimpleNamespace()}), older, BuildConfig())
+    assert older.preview == {} and older.flags == []
 
 
 # ---- without TensorRT or a GPU ------------------------------------------------------------------------------
@@ -384,11 +711,11 @@ def test_generate_with_tensorrt_backend_fails_before_any_work(capsys, tmp_path):
 
 @needs_no_tensorrt
 def test_auto_backend_falls_back_to_onnxruntime_here():
-    from sagrt.runtime.backends import resolve_auto
+    from sagrt.runtime.backends import resolve_backend
 
     assert tensorrt_missing()
-    assert resolve_auto("auto") == "onnxruntime"
-    assert resolve_auto("torch") == "torch" and resolve_auto("tensorrt") == "tensorrt"
+    assert resolve_backend("auto").name == "onnxruntime"
+    assert resolve_backend("torch").name == "torch" and resolve_backend("tensorrt").name == "tensorrt"
 
 
 # ---- GPU: real engines (need CUDA, TensorRT and the ONNX export) ---------------------------------------------
@@ -414,7 +741,7 @@ def no_tf32():
 @pytest.mark.gpu
 def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
     from sagrt.engine.tensorrt_runner import TensorRTRunners
-    from sagrt.runtime.runners import TorchRunners
+    from sagrt.runtime.torch_runners import TorchRunners
 
     import copy
 
@@ -443,14 +770,36 @@ def test_tensorrt_refuses_shapes_outside_the_profile_before_running(tiny_engines
             runners.unet(sample, torch.tensor(1, device="cuda"), torch.zeros(6, 77, 32, device="cuda"))
 
 
-def test_engines_answer_only_for_their_model(tmp_path):
-    from sagrt.engine.tensorrt_runner import check_model
+@pytest.mark.gpu
+def test_forced_capture_failure_falls_back_to_plain_execution_on_the_gpu(tiny_engines):
+    """A capture broken for real (a device synchronisation while the stream captures) leaves the engine running
+    plainly, with the same outputs, and torch's CUDA state usable."""
+    from sagrt.engine.tensorrt_runner import TensorRTRunners
 
-    check_model({"model_source": "tiny"}, "tiny", tmp_path)
-    check_model({"model_source": str(tmp_path.resolve())}, str(tmp_path), tmp_path)
+    sample, context = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 77, 32, device="cuda")
+    t = torch.tensor(10, device="cuda")
+    with TensorRTRunners(tiny_engines, cuda_graph=False) as plain, TensorRTRunners(tiny_engines) as broken:
+        expected = plain.unet(sample, t, context)[0]
+        broken.engines["unet"].capture = lambda enqueue, stream: capture_graph(
+            lambda: (torch.cuda.synchronize(), enqueue())[1], stream)
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+            first = broken.unet(sample, t, context)[0]
+        later = broken.unet(sample, t, context)[0]
+        bindings = list(broken.engines["unet"].bindings.values())
+        assert bindings and all(b.graph is None and b.graph_error for b in bindings)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(later, expected)
+    assert torch.ones(4, device="cuda").sum().item() == 4.0
+
+
+def test_engines_answer_only_for_their_model(tmp_path):
+    from sagrt.engine.tensorrt_runner import check_built_from
+
+    check_built_from({"model_source": "tiny"}, "tiny", tmp_path)
+    check_built_from({"model_source": str(tmp_path.resolve())}, str(tmp_path), tmp_path)
     with pytest.raises(EngineError, match=r"built for model 'tiny', not 'sd15': build engines for it with: "
                                           r"sagrt build --model sd15 --out NEW_DIR"):
-        check_model({"model_source": "tiny"}, "sd15", tmp_path)
+        check_built_from({"model_source": "tiny"}, "sd15", tmp_path)
 
 
 def load_gpu_check() -> dict:
@@ -483,3 +832,60 @@ def test_gpu_check_records_skipped_steps_with_reasons(tmp_path):
     assert steps["parity tensorrt vs torch"]["reason"] == "no torch image (skipped); no tensorrt image (skipped)"
     assert all(s["results"] == {} for s in report["steps"])  # nothing reported that was not measured
     assert report["machine"]["tensorrt"] is None
+
+
+# ---- packages: one ONNX Runtime, TensorRT for torch's CUDA ------------------------------------------------------
+def fake_distribution(site: Path, name: str, version: str, module: str) -> None:
+    """A dist-info as pip writes it, providing top-level `module` (what importlib.metadata reads)."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "RECORD").write_text(f"{module}/__init__.py,,\n{info.name}/METADATA,,\n")
+
+
+def test_pyproject_gpu_install_holds_one_onnxruntime_and_pins_tensorrt_to_cuda12():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    runtimes = lambda reqs: {r.split(">")[0].split("=")[0].split("<")[0] for r in reqs  # noqa: E731
+                             if r.startswith("onnxruntime")}
+    extras = project["optional-dependencies"]
+    assert runtimes(project["dependencies"]) == set()
+    assert runtimes(extras["cpu"]) == {"onnxruntime"} and runtimes(extras["gpu"]) == {"onnxruntime-gpu"}
+    assert runtimes(extras["tensorrt"]) == {"onnxruntime-gpu"} and runtimes(extras["test"]) == set()
+    assert "tensorrt-cu12>=10.1,<11" in extras["tensorrt"]
+    assert not any(r.split(">")[0] == "tensorrt" for r in extras["tensorrt"])  # the bare package follows CUDA 13
+
+
+def test_two_onnxruntimes_installed_are_named_in_one_line():
+    from sagrt.engine.packages import onnxruntime_conflict
+
+    assert onnxruntime_conflict(["onnxruntime"]) is None and onnxruntime_conflict([]) is None
+    message = onnxruntime_conflict(["onnxruntime", "onnxruntime-gpu"])
+    assert "\n" not in message and message.startswith("onnxruntime and onnxruntime-gpu are installed together")
+    assert message.endswith("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+
+
+def test_sagrt_warns_in_one_line_when_both_onnxruntimes_are_installed(tmp_path, monkeypatch, capsys):
+    from sagrt.runtime.cli import main
+
+    fake_distribution(tmp_path, "onnxruntime-gpu", "1.20.0", "onnxruntime")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["build", "--model", "tiny", "--height", "512:256:768"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sagrt: warning: onnxruntime and onnxruntime-gpu are installed together")
+    assert lines[1:] == ["sagrt build: error: --height 512:256:768 must satisfy 1 <= MIN <= OPT <= MAX"]
+
+
+def test_tensorrt_cuda_major_comes_from_the_wheel_name(tmp_path, monkeypatch):
+    from sagrt.engine.packages import cuda_major_mismatch, tensorrt_cuda_major
+
+    assert tensorrt_cuda_major(["tensorrt-cu12-bindings"]) == 12 and tensorrt_cuda_major(["tensorrt"]) is None
+    fake_distribution(tmp_path, "tensorrt-cu13-bindings", "10.13.0", "tensorrt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert tensorrt_cuda_major() == 13
+    assert cuda_major_mismatch(12, "12.8") is None and cuda_major_mismatch(None, "12.8") is None
+    assert cuda_major_mismatch(12, None) is None
+    message = cuda_major_mismatch(13, "12.8")
+    assert message == ("TensorRT is built for CUDA 13 but torch for CUDA 12.8: install the TensorRT of torch's CUDA: "
+                       "pip uninstall -y tensorrt-cu13 && pip install 'tensorrt-cu12>=10.1,<11'")

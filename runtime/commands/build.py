@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from sagrt.engine.profiles import OPTIMIZATION_LEVELS, PRECISIONS, BuildConfig, Range
-from sagrt.export.attention import MID_BLOCK_LAYER
+from sagrt.engine.profiles import ENGINE_PRECISIONS, OPTIMIZATION_LEVELS, BuildConfig, Range
+from sagrt.networks import MID_BLOCK_LAYER
+from sagrt.runtime.commands.common import add_model_argument
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    add_model_argument(parser)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="engine folder (default: sagrt's artifact folder for this model and build)")
-    parser.add_argument("--precision", default="fp16", choices=PRECISIONS,
+    parser.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS,
                         help="engine precision; the SAG attention score stays float32 (default: fp16)")
     parser.add_argument("--batch", default="1:1:4", metavar="MIN:OPT:MAX",
                         help="images per call; the UNet covers B to 2B for SAG's two passes (default: 1:1:4)")

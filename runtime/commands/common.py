@@ -5,38 +5,56 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
 from sagrt.errors import SagrtError
 from sagrt.export.artifacts import atomic_path
-from sagrt.export.attention import MID_BLOCK_LAYER
-from sagrt.runtime.backends import BACKENDS
-from sagrt.runtime.pipeline import SAGConfig
-from sagrt.runtime.schedulers import scheduler_names
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+from sagrt.networks import MID_BLOCK_LAYER, PRECISIONS
+from sagrt.runtime.backends import BACKEND_NAMES, BackendError
+from sagrt.runtime.pipeline import SAGConfig, SAGPipeline
+from sagrt.runtime.schedulers import make_scheduler, scheduler_names
 
 
-def add_model_arguments(parser, backends=BACKENDS, backend_choice=True):
+def add_model_argument(parser) -> None:
+    """--model, the same for every command."""
     parser.add_argument("--model", default="tiny",
                         help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+
+
+def add_model_arguments(parser, backend_choice=True):
+    """--model, --backend and the backends' options (each backend refuses the options it does not take)."""
+    add_model_argument(parser)
     if backend_choice:
-        parser.add_argument("--backend", default="torch", choices=backends, metavar="{" + ",".join(backends) + "}",
-                            help="engine backend (default: torch)")
+        parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
+                            metavar="{" + ",".join(BACKEND_NAMES) + "}",
+                            help="engine backend; auto: tensorrt where usable, else onnxruntime (default: auto)")
+    parser.add_argument("--precision", "--dtype", dest="precision", default=None, choices=list(PRECISIONS),
+                        help="compute precision of the networks: torch any, onnxruntime fp32|fp16 (the export's), "
+                             "tensorrt fp16|fp32 (the engines'); the SAG score stays float32 (default: the backend's)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu or cuda[:N] (default: cuda if present; onnxruntime and tensorrt too)")
     parser.add_argument("--provider", default=None, metavar="NAMES",
                         help="onnxruntime execution providers, comma-separated: tensorrt, cuda, cpu "
                              "(default: the first installed of those)")
     parser.add_argument("--export-dir", default=None, metavar="DIR",
                         help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
-    parser.add_argument("--device", default=None, help="torch device for the torch backend (default: cuda if present)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="precision of the torch backend")
+    parser.add_argument("--engine-dir", default=None, metavar="DIR",
+                        help="tensorrt: engines from `sagrt build --out DIR` (default: build on first use)")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
-    parser.add_argument("--engine-dir", default=None, metavar="DIR",
-                        help="tensorrt backend: engines from `sagrt build --out DIR` (default: build on first use)")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
                         help=f"self-attention layer SAG reads; engine backends export it (default: {MID_BLOCK_LAYER}; "
                              "e.g. up_blocks.1.attentions.0.transformer_blocks.0.attn1)")
+
+
+# CLI flag -> backend option (runtime/backends.py options dataclasses)
+OPTION_FLAGS = {"device": "--device", "precision": "--precision", "providers": "--provider",
+                "export_dir": "--export-dir", "engine_dir": "--engine-dir"}
+
+
+def backend_options(args) -> dict:
+    """The backend options given on the command line (not their defaults)."""
+    values = {"device": args.device, "precision": args.precision, "providers": args.provider,
+              "export_dir": args.export_dir, "engine_dir": args.engine_dir}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def add_sampling_arguments(parser):
@@ -79,30 +97,23 @@ def sag_config(args) -> SAGConfig:
                      window=(start, end))
 
 
-def backend_options(args, backend: str) -> dict:
-    """Options of the chosen backend (resolved: not 'auto') given on the command line, for that backend only."""
-    options = {"onnxruntime": {"providers": args.provider, "export_dir": args.export_dir},
-               "tensorrt": {"engine_dir": getattr(args, "engine_dir", None)}}.get(backend, {})
-    return {key: value for key, value in options.items() if value is not None}
+def open_pipeline(args, backend: str | None = None, options: dict | None = None):
+    """The pipeline of --model/--backend/--sag-layer and the backend's options, with the model's own scheduler."""
+    options = backend_options(args) if options is None else options
+    try:
+        return SAGPipeline.from_pretrained(args.model, backend=backend or args.backend,
+                                           safety_checker=not args.no_safety_checker, sag_layer=args.sag_layer,
+                                           **options)
+    except BackendError as err:  # name the flag, not the API's keyword
+        message = str(err)
+        for key, flag in OPTION_FLAGS.items():
+            message = message.replace(f"option {key}", f"option {flag}")
+        raise BackendError(message) from None
 
 
-def open_pipeline(args, backend: str | None = None, **extra_options):
-    """The pipeline of --model/--backend/--device/--dtype/--sag-layer and the backend's options, with the
-    model's own scheduler."""
-    from sagrt.runtime.backends import resolve_auto
-    from sagrt.runtime.pipeline import SAGPipeline
-
-    backend = resolve_auto(backend or args.backend)  # once: probing for TensorRT and a GPU takes a while
-    return SAGPipeline.from_pretrained(args.model, backend=backend, device=args.device,
-                                       torch_dtype=DTYPES[args.dtype], safety_checker=not args.no_safety_checker,
-                                       sag_layer=args.sag_layer, **backend_options(args, backend), **extra_options)
-
-
-def load_pipeline(args, backend: str | None = None, **extra_options):
+def load_pipeline(args, backend: str | None = None, options: dict | None = None):
     """open_pipeline with the scheduler of --scheduler/--karras-sigmas."""
-    from sagrt.runtime.schedulers import make_scheduler
-
-    pipe = open_pipeline(args, backend, **extra_options)
+    pipe = open_pipeline(args, backend, options)
     if args.scheduler is not None or args.karras_sigmas:
         name = args.scheduler or type(pipe.scheduler).__name__
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config, karras_sigmas=args.karras_sigmas or None)

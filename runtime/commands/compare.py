@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from sagrt.errors import SagrtError
+from sagrt.runtime.checks import seeded_generator
 from sagrt.runtime.commands.common import (add_denoise_arguments, add_model_arguments, add_sag_arguments,
                                            open_pipeline, sag_config, save_image_atomic, writable_dir)
 from sagrt.runtime.grid import image_grid, overlay_mask
 from sagrt.runtime.guidance import sag_mask
-from sagrt.runtime.runners import UNetRecorder
+from sagrt.runners import UNetRecorder
 from sagrt.runtime.schedulers import canonical_name, make_scheduler, scheduler_names
 
 
@@ -50,7 +51,7 @@ def generate_cell(pipe, args, sag, scale: float, mask_step: int | None):
 
     image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, sag_scale=scale, negative_prompt=args.negative_prompt,
-                 generator=torch.Generator().manual_seed(args.seed), callback=mark_step, sag=sag).images[0]
+                 generator=seeded_generator(args.seed), callback=mark_step, sag=sag).images[0]
     if mask_step is None:
         return image, None
     if mask_step >= len(step_starts):

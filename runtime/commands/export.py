@@ -5,18 +5,18 @@ from __future__ import annotations
 import time
 
 from sagrt.export import artifacts, trt_compat
-from sagrt.export.attention import MID_BLOCK_LAYER
-from sagrt.export.onnx_export import DEFAULT_OPSET, PRECISIONS, export_folder, export_model
+from sagrt.networks import MID_BLOCK_LAYER
+from sagrt.export.onnx_export import DEFAULT_OPSET, EXPORT_PRECISIONS, export_folder, export_model
 from sagrt.export.models import model_fingerprint
+from sagrt.runtime.commands.common import add_model_argument
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    add_model_argument(parser)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="export folder (default: the sagrt cache, $SAGRT_CACHE or ~/.cache/sagrt)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+    parser.add_argument("--precision", default="fp32", choices=EXPORT_PRECISIONS,
                         help="weights and activations; the SAG score stays float32 (default: fp32)")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, help=f"self-attention layer SAG reads "
                         f"(default: {MID_BLOCK_LAYER})")
@@ -38,7 +38,7 @@ def run(args) -> int:
     verb = "reused the matching export in" if reuse else f"exported {args.model} to"
     print(f"{verb} {folder}/ ({sizes}) in {time.perf_counter() - start:.1f} s")
     checked = sorted(f"{name}.onnx" for name in manifest["networks"])
-    findings = [f"{name}: {finding}" for name in checked for finding in trt_compat.check_model(folder / name)]
+    findings = [f"{name}: {finding}" for name in checked for finding in trt_compat.tensorrt_findings(folder / name)]
     scope = (f"TensorRT {trt_compat.TENSORRT_TARGET} parser check of {', '.join(checked)} "
              f"({manifest['fused_attention_unet']} is ONNX Runtime's)")
     if findings:

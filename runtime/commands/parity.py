@@ -1,20 +1,22 @@
 """sagrt parity --backends A,B: runs the same SAG generation on two backends and prints, per step, the
 relative error of A against B (the reference) for noise_pred and latents, and how many SAG mask positions
-differ. Exits 1 when an error passes the DESIGN.md bounds (per call 1e-4, final latents 1e-3)."""
+differ. Exits 1 when an error passes the docs/design.md bounds (per call 1e-4, final latents 1e-3)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.backends import BACKENDS
-from sagrt.runtime.commands.common import add_model_arguments, add_sampling_arguments, load_pipeline, sag_config
+from sagrt.runtime.backends import BACKEND_NAMES, resolve_backend
+from sagrt.runtime.commands.common import (OPTION_FLAGS, add_model_arguments, add_sampling_arguments, backend_options,
+                                           load_pipeline, sag_config)
+from sagrt.runtime.checks import seeded_generator
 from sagrt.runtime.metrics import relative_error
-from sagrt.runtime.runners import UNetRecorder
+from sagrt.runners import UNetRecorder
 
-NOISE_BOUND = 1e-4  # per UNet call, DESIGN.md numerical contract
+NOISE_BOUND = 1e-4  # per UNet call, docs/design.md numerical contract
 LATENT_BOUND = 1e-3  # final latents after the whole loop
 
 
@@ -42,7 +44,7 @@ def record_run(pipe, args, sag) -> list[Step]:
     pipe.set_progress_bar_config(disable=True)
     pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
          guidance_scale=args.guidance_scale, sag_scale=args.sag_scale, negative_prompt=args.negative_prompt,
-         num_images_per_prompt=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+         num_images_per_prompt=args.num_images, generator=seeded_generator(args.seed),
          output_type="latent", callback=on_step, sag=sag)
     return steps
 
@@ -55,7 +57,7 @@ def mask_differences(score_a: torch.Tensor, score_b: torch.Tensor, threshold: fl
     return int((mask_a != mask_b).sum()), mask_a.numel()
 
 
-def compare(steps_a: list[Step], steps_b: list[Step], threshold: float, cfg: bool) -> list[dict]:
+def compare_steps(steps_a: list[Step], steps_b: list[Step], threshold: float, cfg: bool) -> list[dict]:
     """One row per step: errors of A against B."""
     if len(steps_a) != len(steps_b):
         raise SagrtError(f"the backends ran {len(steps_a)} and {len(steps_b)} steps: not comparable")
@@ -86,9 +88,18 @@ def add_arguments(parser):
 
 def parse_backends(text: str) -> tuple[str, str]:
     names = [part.strip() for part in text.split(",")]
-    if len(names) != 2 or any(name not in BACKENDS for name in names):
-        raise SagrtError(f"--backends {text!r} must name two backends A,B from {', '.join(BACKENDS)}")
+    if len(names) != 2 or any(name not in BACKEND_NAMES for name in names):
+        raise SagrtError(f"--backends {text!r} must name two backends A,B from {', '.join(BACKEND_NAMES)}")
     return names[0], names[1]
+
+
+def split_options(given: dict, names: tuple[str, str]) -> dict[str, dict]:
+    """Each backend gets the options it takes; an option neither takes is refused."""
+    taken = {name: {f.name for f in fields(resolve_backend(name).options)} for name in names}
+    for key in given:
+        if not any(key in fields for fields in taken.values()):
+            raise SagrtError(f"{OPTION_FLAGS[key]} is taken by neither {names[0]} nor {names[1]}")
+    return {name: {key: value for key, value in given.items() if key in taken[name]} for name in names}
 
 
 def format_row(row: dict) -> str:
@@ -102,11 +113,12 @@ def run(args) -> int:
     backend_a, backend_b = parse_backends(args.backends)
     sag = sag_config(args)
     steps = {}
+    options = split_options(backend_options(args), (backend_a, backend_b))
     for name in (backend_a, backend_b):
-        pipe = load_pipeline(args, backend=name)
+        pipe = load_pipeline(args, backend=name, options=options[name])
         steps[name] = record_run(pipe, args, sag)
         pipe.runners.close()
-    rows = compare(steps[backend_a], steps[backend_b], sag.threshold, args.guidance_scale > 1.0)
+    rows = compare_steps(steps[backend_a], steps[backend_b], sag.threshold, args.guidance_scale > 1.0)
     print(f"{backend_a} against {backend_b}: model {args.model}, {args.steps} steps, guidance {args.guidance_scale}, "
           f"sag_scale {args.sag_scale}, {args.num_images} image(s), seed {args.seed}")
     print(f"{'step':>4}  {'t':>8}  {'noise_pred':>10}  {'noise_deg':>10}  {'latents':>10}  mask_diff")

@@ -1,9 +1,12 @@
-"""The runner interface every backend implements, and the eager PyTorch reference runner.
+"""The runner interface every backend implements (docs/design.md, "The runner interface").
 
 Three calls on the backend's own device tensors:
   encode_text(input_ids [B,77] int64, clip_skip)   -> hidden [B,77,D]
   unet(sample [B,4,h,w], timestep, context [B,77,D]) -> (noise_pred [B,4,h,w], attn_score [B,hm,wm] fp32)
   decode(latents [B,4,h,w], already divided by the VAE scaling factor) -> image [B,3,8h,8w] in [-1,1]
+
+`ModelInfo` is what the loop needs to know of a model; exports and engine folders store it in their manifest,
+so runners over them never load torch modules.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sagrt.export.attention import MID_BLOCK_LAYER, capture_sag_score
-from sagrt.export.models import Components, final_layer_norm
+from sagrt.networks import MID_BLOCK_LAYER
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,12 @@ class ModelInfo:
     sag_layer: str
     fingerprint: str
     source: str
+    sag_heads: int = 8  # attention heads of the SAG layer (SD 1.x's); an older manifest lacks the two below
+    vae_channels: int = 128  # width of the VAE decoder's full-resolution block (SD's)
 
     @classmethod
-    def of(cls, components: Components, sag_layer: str = MID_BLOCK_LAYER) -> "ModelInfo":
+    def of(cls, components, sag_layer: str = MID_BLOCK_LAYER) -> "ModelInfo":
+        """From loaded `export.models.Components`."""
         text = components.text_encoder.config
         return cls(
             in_channels=components.unet.config.in_channels,
@@ -47,6 +52,8 @@ class ModelInfo:
             sag_layer=sag_layer,
             fingerprint=components.fingerprint,
             source=components.source,
+            sag_heads=int(getattr(components.unet.get_submodule(sag_layer), "heads", 8)),
+            vae_channels=int(components.vae.config.block_out_channels[0]),
         )
 
     def to_dict(self) -> dict:
@@ -59,6 +66,7 @@ class Runners:
     name = "base"
     device = torch.device("cpu")
     dtype = torch.float32
+    thread_safe = False  # True: two threads may run the three calls at once (see SAGPipeline.__call__)
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -111,33 +119,3 @@ class UNetRecorder(RunnersProxy):
         noise_pred, attn_score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
         self.calls.append(self.record(sample, noise_pred, attn_score))
         return noise_pred, attn_score
-
-
-class TorchRunners(Runners):
-    """Eager diffusers modules: the numerical reference every other backend is checked against."""
-
-    name = "torch"
-
-    def __init__(self, components: Components, sag_layer: str = MID_BLOCK_LAYER,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = torch.device(device), dtype
-        self.text_encoder, self.unet_model, self.vae = (
-            module.to(self.device) if module.dtype == dtype else module.to(self.device, dtype)
-            for module in (components.text_encoder, components.unet, components.vae))
-        self.sag_layer = sag_layer
-
-    def encode_text(self, input_ids, clip_skip=None, attention_mask=None):
-        input_ids = input_ids.to(self.device)
-        if clip_skip is None:
-            return self.text_encoder(input_ids, attention_mask=attention_mask)[0]
-        out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return final_layer_norm(self.text_encoder)(out[-1][-(clip_skip + 1)])
-
-    def unet(self, sample, timestep, context, cross_attention_kwargs=None):
-        with capture_sag_score(self.unet_model, self.sag_layer) as capture:
-            noise_pred = self.unet_model(sample, timestep, encoder_hidden_states=context,
-                                         cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-        return noise_pred, capture.score_map()
-
-    def decode(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]

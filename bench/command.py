@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
-from sagrt.runtime.benchmark import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
-from sagrt.runtime.commands.common import writable_dir
+from sagrt.bench import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
+from sagrt.runtime.commands.common import add_model_argument, writable_dir
 from sagrt.runtime.schedulers import canonical_name, scheduler_names
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    add_model_argument(parser)
     parser.add_argument("--backends", default="onnxruntime", metavar="LIST",
                         help="comma-separated sagrt backends (torch, onnxruntime, tensorrt, auto) measured against "
                              "the diffusers baseline (default: onnxruntime)")
