@@ -15,7 +15,7 @@ SCALES = ["0", "1"]
 def compare(tmp_path, name, *extra):
     out = tmp_path / name
     rc = main(["compare", "a photo of a cat", "--schedulers", ",".join(SCHEDULERS), "--sag-scales", ",".join(SCALES),
-               "--steps", "2", "--height", "64", "--width", "96", "--out", str(out), *extra])
+               "--steps", "2", "--height", "64", "--width", "96", "--backend", "torch", "--out", str(out), *extra])
     return rc, out
 
 
@@ -53,7 +53,7 @@ def loop_masks(scheduler: str, scale: float, step: int) -> np.ndarray:
     from sagrt.runtime import SAGPipeline
     from sagrt.runners import UNetRecorder
 
-    pipe = SAGPipeline.from_pretrained("tiny", scheduler=scheduler)
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch", scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.runners = UNetRecorder(pipe.runners, lambda sample, noise_pred, score: score)
     pipe("a photo of a cat", height=64, width=96, num_inference_steps=2, guidance_scale=7.5, sag_scale=scale,

@@ -198,9 +198,9 @@ def test_score_capture_restores_the_model(tiny):
 
 def test_model_folder_round_trip(tiny, tmp_path):
     folder = save_tiny_folder(tiny, tmp_path / "model")
-    loaded = SAGPipeline.from_pretrained(str(folder))
+    loaded = SAGPipeline.from_pretrained(str(folder), backend="torch")
     loaded.set_progress_bar_config(disable=True)
-    preset = SAGPipeline.from_pretrained("tiny")
+    preset = SAGPipeline.from_pretrained("tiny", backend="torch")
     preset.set_progress_bar_config(disable=True)
     a, b = call(loaded, output_type="latent").images, call(preset, output_type="latent").images
     assert relative_error(a, b) < 1e-6
@@ -226,7 +226,7 @@ def test_safety_checker_runs_as_in_diffusers(tiny, tmp_path, flag_everything):
 
     checker, extractor = tiny_safety_checker(flag_everything)
     folder = save_tiny_folder(tiny, tmp_path / "model", checker, extractor)
-    ours = SAGPipeline.from_pretrained(str(folder))
+    ours = SAGPipeline.from_pretrained(str(folder), backend="torch")
     ours.set_progress_bar_config(disable=True)
     out = call(ours, output_type="np", num_images_per_prompt=2)
     assert out.nsfw_content_detected == [flag_everything] * 2
@@ -239,7 +239,7 @@ def test_safety_checker_runs_as_in_diffusers(tiny, tmp_path, flag_everything):
     assert (out.images.max() == 0) == flag_everything  # flagged images come back black
     if not flag_everything:
         assert relative_error(out.images, ref.images) < 1e-5
-    off = SAGPipeline.from_pretrained(str(folder), safety_checker=False)
+    off = SAGPipeline.from_pretrained(str(folder), backend="torch", safety_checker=False)
     off.set_progress_bar_config(disable=True)
     assert call(off, output_type="np").nsfw_content_detected is None
 
