@@ -4,6 +4,7 @@ then makes one timed run per word of its parent, so that the baseline and every 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +89,11 @@ class Worker:
         payload = torch.load(self.out_path, weights_only=False) if self.out_path.exists() else {}
         if code != 0 or "error" in payload:
             case = self.case
+            # a worker ended by a signal (the OOM killer's SIGKILL) printed no traceback
+            how = (f"killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exit status {code}; its traceback is above")
             raise BenchError(payload.get("error") or f"measuring {case['backend']} at {case['height']}x"
-                             f"{case['width']} failed (worker exit status {code}; its traceback is above)")
+                             f"{case['width']} failed (worker {how})")
         return payload
 
     def kill(self) -> None:

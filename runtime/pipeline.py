@@ -343,8 +343,13 @@ class SAGPipeline:
             scheduler.set_timesteps(num_inference_steps, device=self.device)
         except ValueError as err:  # e.g. PNDM's Runge-Kutta warm-up needs 4 or more steps
             raise InputError(f"{type(scheduler).__name__} cannot schedule {num_inference_steps} steps ({err}): "
-                             f"use more steps or another scheduler") from None
+                             f"use another number of steps or another scheduler") from None
         timesteps = scheduler.timesteps
+        trained = len(getattr(scheduler, "alphas_cumprod", ()))
+        if trained and not torch.is_floating_point(timesteps) and int(timesteps.max()) >= trained:
+            # e.g. DDIM with steps_offset 1 at 1000 steps reaches t = 1000; its step() would index past the table
+            raise InputError(f"{type(scheduler).__name__} at {num_inference_steps} steps reaches timestep "
+                             f"{int(timesteps.max())}, past the model's {trained} training timesteps: use fewer steps")
         shape = (prompt_embeds.shape[0], self.info.in_channels, height // self.info.vae_scale_factor,
                  width // self.info.vae_scale_factor)
         if latents is None:
@@ -369,34 +374,37 @@ class SAGPipeline:
         # 3. denoising with SAG
         bar = tqdm(total=num_inference_steps, **{"desc": "denoise", **self.progress_bar_config})
         clock.mark("setup")
-        for i, t in enumerate(timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-            eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
-            if do_cfg:
-                eps_ref, eps_cond = eps.chunk(2)
-                attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
-                eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
-            else:
-                eps_ref = eps_guided = eps
-            eps_degraded = None
-            if do_sag and sag.active(i, len(timesteps)):
-                x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
-                mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
-                if sag_mask_callback is not None:
-                    sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
-                degraded = sched.renoise(scheduler, sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma), noise, t)
-                eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
-                eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
-            latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
-            if not bool(torch.isfinite(latents).all()):
-                raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps, eps_guided=eps_guided,
-                                       eps_degraded=eps_degraded)
-            clock.mark("step")
-            if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
-                bar.update()
-                if callback is not None and i % callback_steps == 0:
-                    callback(i // getattr(scheduler, "order", 1), t, latents)
-        bar.close()
+        try:  # the bar ends its line also when the loop is interrupted (Ctrl-C, an error)
+            for i, t in enumerate(timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
+                if do_cfg:
+                    eps_ref, eps_cond = eps.chunk(2)
+                    attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
+                    eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
+                else:
+                    eps_ref = eps_guided = eps
+                eps_degraded = None
+                if do_sag and sag.active(i, len(timesteps)):
+                    x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
+                    mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
+                    if sag_mask_callback is not None:
+                        sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
+                    x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
+                    degraded = sched.renoise(scheduler, x0_degraded, noise, t)
+                    eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
+                    eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
+                latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
+                if not bool(torch.isfinite(latents).all()):
+                    raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps, eps_guided=eps_guided,
+                                           eps_degraded=eps_degraded)
+                clock.mark("step")
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+                    bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        callback(i // getattr(scheduler, "order", 1), t, latents)
+        finally:
+            bar.close()
 
         # 4. decode, safety check, postprocess
         if output_type == "latent":

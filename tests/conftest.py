@@ -59,3 +59,45 @@ def tiny_in_the_cache():
     from sagrt.export.onnx_export import export_model
 
     return export_model("tiny", progress=False)
+
+
+class CliProcess:
+    """`python -m sagrt.runtime.cli ARGS` in a real subprocess, its stderr collected as it comes, so that a test can
+    wait for a stage of the run and then act on the process (signal it, kill a child of it)."""
+
+    def __init__(self, *args, cwd=None):
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen([sys.executable, "-m", "sagrt.runtime.cli", *args], cwd=cwd, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.err = []
+        self.reader = threading.Thread(target=lambda: self.err.extend(iter(lambda: self.process.stderr.read(1), "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            assert self.process.poll() is None, f"ended before {text!r}:\n{self.stderr}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.stderr}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 60.0) -> int:
+        code = self.process.wait(timeout=timeout)
+        self.reader.join(timeout=5)
+        return code
+
+    def children(self) -> list[int]:
+        """Process ids of the direct children (Linux /proc)."""
+        from pathlib import Path
+
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -57,17 +57,7 @@ def test_numbers_are_sane(bench_run, backend):
     assert row["unet_ms_per_step"] <= row["step_ms"]
     assert 0 <= row["loop_overhead"] < 1
     assert STEPS * row["step_ms"] / 1e3 + (row["text_ms"] + row["vae_ms"]) / 1e3 <= row["end_to_end_s"] * 1.001
-    assert row["sag_overhead"] == pytest.approx(row["step_ms"] / row["cfg_step_ms"])
     assert row["peak_rss_mb"] > 100  # python + torch + the model, measured in its own process
-
-
-def test_ratios_are_against_the_baseline_of_the_same_run(bench_run):
-    rows = rows_by_backend(bench_run[0])
-    base, ours = rows[BASELINE], rows["torch"]
-    assert base["speedup_end_to_end"] == 1.0 and base["memory_ratio"] == 1.0
-    assert ours["speedup_end_to_end"] == pytest.approx(base["end_to_end_s"] / ours["end_to_end_s"])
-    assert ours["speedup_step"] == pytest.approx(base["step_ms"] / ours["step_ms"])
-    assert ours["memory_ratio"] == pytest.approx(ours["peak_rss_mb"] / base["peak_rss_mb"])
 
 
 def test_torch_backend_matches_the_baseline(bench_run):
@@ -282,3 +272,27 @@ def test_baseline_and_backend_take_turns_run_by_run(tmp_path, capfd):
                     (BASELINE, "SAG run", "2"), ("torch", "SAG run", "2")]
     rows = rows_by_backend(json.loads((tmp_path / "b.json").read_text()))
     assert rows["torch"]["sag_overhead"] > 0 and rows["torch"]["latents_relative_error"] <= 1e-5
+
+
+def test_a_worker_that_dies_mid_run_ends_the_bench_in_one_line(tmp_path):
+    """`sagrt bench` with its sagrt worker killed (as the OOM killer would) during the timed runs: exit status 2,
+    one line naming the case and the worker's exit status, no report, and no worker process left running."""
+    import signal
+    from pathlib import Path
+
+    from conftest import CliProcess
+
+    out = tmp_path / "bench.json"
+    run = CliProcess("bench", "--backends", "torch", "--size", "64x64", "--steps", "2", "--warmup", "0",
+                     "--repeats", "1000", "--cfg-repeats", "0", "--json", str(out))
+    run.wait_for("torch 64x64: SAG run 1/1000")  # both workers loaded, taking turns
+    workers = {pid: Path(f"/proc/{pid}/cmdline").read_text() for pid in run.children()}
+    assert len(workers) == 2, workers
+    victim = next(pid for pid, cmdline in workers.items() if "torch-64x64.json" in cmdline)
+    os.kill(victim, signal.SIGKILL)
+    assert run.finish() == 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("sagrt bench")]
+    assert lines == ["sagrt bench: error: measuring torch at 64x64 failed (worker killed by SIGKILL)"], run.stderr
+    assert not out.exists()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()  # the baseline's worker was ended and reaped too

@@ -43,10 +43,10 @@ def test_generate_options(tmp_path, capsys):
     (["--height", "60"], "multiple of 8"),
     (["--width", "8"], "minimum"),
     (["--steps", "0"], ">= 1"),
+    (["--steps", "1000"], "reaches timestep 1000, past the model's 1000 training timesteps: use fewer steps"),
     (["--scheduler", "nope"], "unknown scheduler"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--num-images", "0"], "--num-images"),
-    (["--sag-window", "0.8:0.2"], "window"),
 ])
 def test_generate_bad_input(tmp_path, capsys, args, message):
     out_dir = tmp_path / "never"
@@ -73,3 +73,21 @@ def test_generate_missing_component_and_unwritable_out(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["generate", "--model", "tiny", "--out", str(blocker / "sub")]) == 2
     assert "cannot write to" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_in_one_line_and_writes_no_image(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of the denoising loop: exit status 130, one 'interrupted' line, no image."""
+    import signal
+    import time
+
+    from conftest import CliProcess
+
+    run = CliProcess("generate", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
+    run.wait_for("denoise:")  # the loop's progress bar: the model is loaded and steps are starting
+    time.sleep(1.0)  # well inside the loop
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.startswith("sagrt")]
+    assert lines == ["sagrt generate: interrupted"], run.stderr
+    assert "Traceback" not in run.stderr
+    assert not list(tmp_path.rglob("*.png"))

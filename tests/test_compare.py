@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sagrt.runtime.cli import main
@@ -13,8 +14,9 @@ SCALES = ["0", "1"]
 
 def compare(tmp_path, name, *extra):
     out = tmp_path / name
-    rc = main(["compare", "--model", "tiny", "a photo of a cat", "--schedulers", ",".join(SCHEDULERS), "--sag-scales", ",".join(SCALES),
-               "--steps", "2", "--height", "64", "--width", "96", "--out", str(out), *extra])
+    rc = main(["compare", "--model", "tiny", "a photo of a cat", "--schedulers", ",".join(SCHEDULERS),
+               "--sag-scales", ",".join(SCALES),
+               "--steps", "2", "--height", "64", "--width", "96", "--backend", "torch", "--out", str(out), *extra])
     return rc, out
 
 
@@ -45,17 +47,43 @@ def test_grid_has_rows_by_columns_tiles_and_labels(grids):
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary file
 
 
-def test_show_mask_tints_the_masked_positions(grids):
+def loop_masks(scheduler: str, scale: float, step: int) -> np.ndarray:
+    """The SAG mask the loop reads at `step` of compare's run of one cell, as (64, 96) pixels: the score of the
+    step's CFG call (batch 2), unconditional half, above the default threshold 1.0, each map cell covering 16x16
+    pixels (a 4x6 map on the 8x12 latent of 64x96 pixels)."""
+    from sagrt.runtime import SAGPipeline
+    from sagrt.runners import UNetRecorder
+
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch", scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.runners = UNetRecorder(pipe.runners, lambda sample, noise_pred, score: score)
+    pipe("a photo of a cat", height=64, width=96, num_inference_steps=2, guidance_scale=7.5, sag_scale=scale,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    cfg_scores = [score for score in pipe.runners.calls if score.shape[0] == 2]
+    cell_mask = (cfg_scores[step][0] > 1.0).numpy()
+    assert cell_mask.shape == (4, 6)
+    return np.kron(cell_mask, np.ones((16, 16), dtype=bool))
+
+
+def test_show_mask_tints_exactly_the_masked_positions(grids):
     (_, plain_out), (rc, masked_out) = grids
     assert rc == 0
     plain = np.asarray(Image.open(plain_out).convert("RGB")).astype(int)
     masked = np.asarray(Image.open(masked_out).convert("RGB")).astype(int)
     assert plain.shape == masked.shape
-    changed = (masked != plain).any(axis=2)
-    assert 0 < changed.mean() < 1
-    # where the overlay changed a pixel, it moved it towards red
-    assert (masked[changed, 0] - plain[changed, 0]).mean() > 0
-    assert (masked[changed, 2] - plain[changed, 2]).mean() < 0
+    left, top = label_bands(SCHEDULERS, [f"sag {s}" for s in SCALES])
+    assert np.array_equal(plain[:top], masked[:top]) and np.array_equal(plain[:, :left], masked[:, :left])
+    fractions = []
+    for r, scheduler in enumerate(SCHEDULERS):
+        for c, scale in enumerate(SCALES):
+            window = np.s_[top + r * 64:top + (r + 1) * 64, left + c * 96:left + (c + 1) * 96]
+            mask = loop_masks(scheduler, float(scale), step=1)
+            fractions.append(mask.mean())
+            assert np.array_equal(masked[window][~mask], plain[window][~mask])  # untouched outside the mask
+            # inside: 45% red over the image (PIL's composite, rounded)
+            tinted = plain[window][mask] * (1 - 114 / 255) + np.array([255, 0, 0]) * (114 / 255)
+            assert np.abs(masked[window][mask] - tinted).max() <= 1
+    assert 0 < np.mean(fractions) < 1, fractions  # the masks are neither empty nor full
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -18,13 +18,19 @@ from test_schedulers import SpyRunners
 UP_LAYER = "up_blocks.0.attentions.0.transformer_blocks.0.attn1"
 
 
-def unet_calls(tiny, scheduler="ddim", steps=4, **kwargs):
+def degraded_calls(tiny, scheduler="ddim", steps=4, **kwargs):
+    """Indices of the model calls that were followed by a degraded pass (CFG on: full calls run at batch 2, the
+    degraded pass at batch 1), and the number of model calls."""
     pipe = SAGPipeline(SpyRunners(TorchRunners(tiny)), tiny.tokenizer, make_scheduler(scheduler, tiny.scheduler.config),
                        ModelInfo.of(tiny))
     pipe.set_progress_bar_config(disable=True)
     pipe("a cat", height=64, width=64, num_inference_steps=steps, output_type="latent",
          generator=torch.Generator().manual_seed(0), **kwargs)
-    return len(pipe.runners.calls)
+    batches = [sample.shape[0] for sample, _ in pipe.runners.calls]
+    model_calls = [i for i, batch in enumerate(batches) if batch == 2]
+    degraded = [k for k, i in enumerate(model_calls) if i + 1 < len(batches) and batches[i + 1] == 1]
+    assert len(batches) == len(model_calls) + len(degraded)  # every batch-1 call follows a model call
+    return degraded, len(model_calls)
 
 
 def test_defaults_are_diffusers_values():
@@ -35,16 +41,17 @@ def test_defaults_are_diffusers_values():
     assert args.sag_layer == MID_BLOCK_LAYER
 
 
-@pytest.mark.parametrize("window, degraded_passes", [((0.0, 1.0), 4), ((0.0, 0.5), 2), ((0.5, 1.0), 2),
-                                                     ((0.25, 0.5), 1)])
-def test_window_runs_no_degraded_pass_outside_it(tiny, window, degraded_passes):
-    assert unet_calls(tiny, sag_scale=0.75, sag=SAGConfig(window=window)) == 4 + degraded_passes
+@pytest.mark.parametrize("window, degraded", [((0.0, 1.0), [0, 1, 2, 3]), ((0.0, 0.5), [0, 1]), ((0.5, 1.0), [2, 3]),
+                                              ((0.25, 0.5), [1])])
+def test_window_runs_the_degraded_pass_on_its_steps_only(tiny, window, degraded):
+    assert degraded_calls(tiny, sag_scale=0.75, sag=SAGConfig(window=window)) == (degraded, 4)
 
 
 def test_window_on_two_call_scheduler(tiny):
     # Heun, 3 steps: 5 model calls (t0, t1, t1, t2, t2); the window counts model calls
-    assert unet_calls(tiny, "heun", steps=3, sag_scale=0.75) == 10
-    assert unet_calls(tiny, "heun", steps=3, sag_scale=0.75, sag=SAGConfig(window=(0.0, 0.5))) == 5 + 3
+    assert degraded_calls(tiny, "heun", steps=3, sag_scale=0.75) == ([0, 1, 2, 3, 4], 5)
+    assert degraded_calls(tiny, "heun", steps=3, sag_scale=0.75, sag=SAGConfig(window=(0.0, 0.5))) == ([0, 1, 2], 5)
+    assert degraded_calls(tiny, "heun", steps=3, sag_scale=0.75, sag=SAGConfig(window=(0.5, 1.0))) == ([3, 4], 5)
 
 
 def test_blur_and_threshold_change_the_result(tiny):

@@ -60,13 +60,20 @@ class CallRecorder(RunnersProxy):
 
 def record_steps(scheduler):
     """Wraps this scheduler object's `step`: keeps, per model call, the latent x, the model output the loop
-    passed, sagrt's x0 for them (taken in the state the loop took it in) and the scheduler's own x0."""
+    passed, sagrt's x0 for them (taken in the state the loop took it in) and the scheduler's own x0: its
+    `pred_original_sample`, or for DPM-Solver and UniPC (whose step returns none) its `convert_model_output`."""
     steps, step = [], scheduler.step
 
     def recording_step(model_output, t, sample, *args, **kwargs):
         ours, _ = predict_x0_eps(scheduler, sample, model_output, t)
+        theirs = None
+        if hasattr(scheduler, "convert_model_output"):
+            if scheduler.step_index is None:
+                scheduler._init_step_index(t)  # what step() does first
+            theirs = scheduler.convert_model_output(model_output, sample=sample)
         out = step(model_output, t, sample, *args, **kwargs)
-        steps.append(dict(x=sample.clone(), guided=model_output.clone(), ours=ours, theirs=out.pred_original_sample))
+        theirs = out.pred_original_sample if theirs is None else theirs
+        steps.append(dict(x=sample.clone(), guided=model_output.clone(), ours=ours, theirs=theirs))
         return out
 
     scheduler.step = recording_step
@@ -110,6 +117,16 @@ def _sag_run(tiny64, name, karras, kind):
 @pytest.mark.parametrize("name, karras, kind", cases())
 def test_a_x0_is_the_schedulers_pred_original_sample(tiny64, name, karras, kind):
     _, steps, _ = sag_run(tiny64, name, karras, kind)
+    for index, record in enumerate(steps):
+        assert relative_error(record["ours"], record["theirs"]) <= X0_BOUND, f"model call {index}"
+
+
+# DPM-Solver++ and UniPC on Karras sigmas: integer timesteps, but x0 from the respaced sigma table (their
+# convert_model_output gives x0 for dpmsolver++ and for UniPC's default predict_x0)
+@pytest.mark.parametrize("name", ["dpm++2m", "dpm++2s", "unipc"])
+@pytest.mark.parametrize("kind", PREDICTION_TYPES)
+def test_a_x0_is_the_sigma_table_schedulers_own(tiny64, name, kind):
+    _, steps, _ = sag_run(tiny64, name, True, kind)
     for index, record in enumerate(steps):
         assert relative_error(record["ours"], record["theirs"]) <= X0_BOUND, f"model call {index}"
 

@@ -276,13 +276,6 @@ def test_shape_check_refuses_missing_inputs_and_wrong_rank(export_dir, tmp_path)
 
 
 # ---- dtypes, outputs, progress -------------------------------------------------------------------------
-@pytest.mark.parametrize("name, dtype", [("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
-                                         ("INT32", torch.int32), ("INT64", torch.int64), ("BOOL", torch.bool),
-                                         ("INT8", torch.int8), ("UINT8", torch.uint8)])
-def test_dtype_table(name, dtype):
-    assert torch_dtype(SimpleNamespace(name=name)) is dtype
-
-
 def test_dtype_table_refuses_unbindable_types():
     assert set(TRT_TO_TORCH) >= {"FLOAT", "HALF", "INT32"}
     with pytest.raises(EngineError, match="TensorRT dtype FP8 has no torch equivalent"):
@@ -912,7 +905,9 @@ def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
     from sagrt.engine.tensorrt_runner import TensorRTRunners
     from sagrt.runtime.torch_runners import TorchRunners
 
-    torch_runners = TorchRunners(tiny, device="cuda")
+    import copy
+
+    torch_runners = TorchRunners(copy.deepcopy(tiny), device="cuda")  # not the session's modules: CPU tests use them
     with TensorRTRunners(tiny_engines) as trt_runners:
         generator = torch.Generator(device="cuda").manual_seed(0)
         for batch, (h, w) in ((2, (8, 8)), (1, (6, 10)), (4, (10, 7))):  # 2B and B passes, non-square, odd
@@ -922,7 +917,9 @@ def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
             eps, score = trt_runners.unet(sample, t, context)
             eps_ref, score_ref = torch_runners.unet(sample, t, context)
             assert score.dtype == torch.float32 and score.shape == score_ref.shape
-            assert relative_error(eps, eps_ref) < 1e-3 and relative_error(score, score_ref) < 1e-3
+            # DESIGN.md's per-call bound (1e-4), and the score's informative part, its deviation from 1, on its own
+            assert relative_error(eps, eps_ref) <= 1e-4 and relative_error(score, score_ref) <= 1e-4
+            assert score_ref.std() > 1e-3 and relative_error(score - 1, score_ref - 1) <= 1e-3
 
 
 @pytest.mark.gpu
@@ -933,27 +930,6 @@ def test_tensorrt_refuses_shapes_outside_the_profile_before_running(tiny_engines
         sample = torch.zeros(6, 4, 8, 8, device="cuda")  # 2B = 6 > 2 x batch max 2
         with pytest.raises(ProfileError, match=r"sample shape \(6, 4, 8, 8\) is outside .* --batch 1:1:3"):
             runners.unet(sample, torch.tensor(1, device="cuda"), torch.zeros(6, 77, 32, device="cuda"))
-
-
-@pytest.mark.gpu
-def test_cuda_graph_replay_matches_plain_execution(tiny, tmp_path):
-    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'sagrt[tensorrt]')")
-    pytest.importorskip("sagrt.export.onnx_export", reason="needs the ONNX export stage")
-    from sagrt.engine.tensorrt_build import build_for_model
-    from sagrt.engine.tensorrt_runner import TensorRTRunners
-
-    config = BuildConfig(precision="fp32", batch=Range(1, 1, 1), height=Range(64, 64, 64), width=Range(64, 64, 64),
-                         static=True)
-    engines = build_for_model("tiny", config, tmp_path / "static", progress=False)
-    sample = torch.randn(2, 4, 8, 8, device="cuda")
-    context = torch.randn(2, 77, 32, device="cuda")
-    with TensorRTRunners(engines, cuda_graph=False) as plain, TensorRTRunners(engines) as graphed:
-        expected = plain.unet(sample, torch.tensor(10, device="cuda"), context)[0]
-        runs = [graphed.unet(sample, torch.tensor(10, device="cuda"), context)[0] for _ in range(3)]
-        assert graphed.engines["unet"].bindings and all(b.graph is not None
-                                                       for b in graphed.engines["unet"].bindings.values())
-    for run in runs:
-        torch.testing.assert_close(run, expected)
 
 
 @pytest.mark.gpu
