@@ -210,12 +210,14 @@ def staging_dir(folder: str | Path, prefix: str):
     import fcntl
 
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
-    lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield staging
+    try:  # from the folder's first moment: an interrupt (SIGTERM, Ctrl-C) may come before the lock is taken
+        lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield staging
+        finally:
+            os.close(lock)
     finally:
-        os.close(lock)
         _remove_tree(staging)
 
 
