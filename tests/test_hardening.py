@@ -459,6 +459,14 @@ CLI_PROBES = {
     "height 0": (["generate", "--height", "0"], "height must be a positive multiple of 8"),
     "unwritable out": (["generate", "--out", "/sys/sagrt-probe"], "cannot write to /sys/sagrt-probe"),
     "export unwritable": (["export", "--out", "/sys/sagrt-probe"], "cannot make export folder"),
+    "bench seed": (["bench", "--size", "64x64", "--seed", "18446744073709551616"], "seed must be an integer"),
+    "bench guidance nan": (["bench", "--size", "64x64", "--guidance-scale", "nan"], "guidance_scale must be a finite"),
+    "compare sag inf": (["compare", "a cat", "--out", "grid.png", "--steps", "1", "--sag-scales", "inf,1"],
+                        "sag_scale must be a finite number"),
+    "compare seed": (["compare", "a cat", "--out", "grid.png", "--steps", "1", "--seed", "-9223372036854775809"],
+                     "seed must be an integer"),
+    "parity guidance inf": (["parity", "--steps", "1", "--guidance-scale", "inf"], "guidance_scale must be a finite"),
+    "verify not a folder": (["verify", "secret.txt"], "is not a folder"),
 }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.checks import seeded_generator
+from sagrt.runtime.checks import check_run_settings, seeded_generator
 from sagrt.runtime.backends import BACKENDS
 from sagrt.runtime.commands.common import add_model_arguments, add_sampling_arguments, load_pipeline, sag_config
 from sagrt.runtime.metrics import relative_error
@@ -102,6 +102,7 @@ def format_row(row: dict) -> str:
 def run(args) -> int:
     backend_a, backend_b = parse_backends(args.backends)
     sag = sag_config(args)
+    check_run_settings(args.seed, args.guidance_scale, args.sag_scale)  # before either backend loads (exports)
     steps = {}
     for name in (backend_a, backend_b):
         pipe = load_pipeline(args, backend=name)
