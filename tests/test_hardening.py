@@ -636,3 +636,17 @@ def test_verify_engine_folder_and_refusals(tmp_path, capsys):
     assert "not a plain relative file name" in one_line_error(capsys, "verify")
     assert main(["verify", str(tmp_path)]) == 2
     assert "holds no sagrt manifest" in one_line_error(capsys, "verify")
+
+
+def test_old_unlocked_staging_is_removed_only_in_sagrts_folder(tiny_onnx, tmp_path):
+    old = time.time() - 2 * artifacts.LEGACY_STAGING_AGE_S
+    for name in ("export", "foreign"):
+        (tmp_path / name / ".export-old").mkdir(parents=True)
+        os.utime(tmp_path / name / ".export-old", (old, old))
+    shutil.copytree(tiny_onnx, tmp_path / "export", dirs_exist_ok=True)
+    from sagrt.export.onnx_export import claim_folder
+
+    claim_folder(tmp_path / "export")
+    claim_folder(tmp_path / "foreign")  # holds nothing but the staging-like folder: usable, and it is kept
+    assert not (tmp_path / "export" / ".export-old").exists()
+    assert (tmp_path / "foreign" / ".export-old").is_dir()
