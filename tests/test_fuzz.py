@@ -60,6 +60,7 @@ OPTIONS = {
     "--device": st.sampled_from(["cpu", "bogus", "cuda:7", "meta", "cpu:0"]),
     "--dtype": st.sampled_from(["fp32", "fp16", "int8"]),
     "--backend": st.sampled_from(["torch", "onnxruntime", "nope"]),
+    "--export-dir": st.sampled_from(["../keep", "../secret.txt", "/sys/sagrt-probe", "../keep/tokenizer"]),
     "--sag-layer": st.sampled_from(["mid_block.attentions.0.transformer_blocks.0.attn1",
                                     "up_blocks.0.attentions.0.transformer_blocks.0.attn1", "mid_block", "x.attn1"]),
 }
@@ -85,7 +86,7 @@ def check_cli(argv, work: Path, capsys) -> None:
     export_dir = work.parent / "export"
     before = tree_state(work.parent, skip=[out_dir, export_dir])
     argv = [*argv, f"--out={out_dir}"]
-    if "--backend=onnxruntime" in argv:
+    if "--backend=onnxruntime" in argv and not any(arg.startswith("--export-dir=") for arg in argv):
         argv.append(f"--export-dir={export_dir}")
     try:
         code = main(argv)
@@ -126,6 +127,43 @@ def test_fuzz_generate(fuzz_root, capsys, monkeypatch, argv):
     monkeypatch.chdir(fuzz_root / "work")
     monkeypatch.setenv("SAGRT_CACHE", str(fuzz_root / "cache"))
     check_cli(argv, fuzz_root / "work", capsys)
+
+
+COMPARE_OPTIONS = {
+    "--schedulers": st.sampled_from(["ddim", "ddim,euler", "nope", "", "ddim,,", "heun,dpm++2m"]),
+    "--sag-scales": st.sampled_from(["0,1", "0.75", "x", "nan", "inf", "-1", "", "0,0,0"]),
+    "--show-mask": st.sampled_from(["0", "1", "-1", "5", "x"]),
+    "--seed": st.sampled_from(["0", "18446744073709551616", "-1"]),
+    "--guidance-scale": FLOATS,
+    "--height": SIDES,
+}
+
+
+@settings(FUZZ, max_examples=25)
+@given(options=st.fixed_dictionaries({}, optional=COMPARE_OPTIONS),
+       out=st.sampled_from(["grid.png", "grid.jpg", "../secret.txt", "sub/grid.png", "/sys/grid.png"]))
+def test_fuzz_compare(fuzz_root, capsys, monkeypatch, options, out):
+    monkeypatch.chdir(fuzz_root / "work")
+    monkeypatch.setenv("SAGRT_CACHE", str(fuzz_root / "cache"))
+    before = tree_state(fuzz_root, skip=[fuzz_root / "work"])
+    argv = ["compare", "a cat", "--steps=1", f"--out={out}", *(f"{k}={v}" for k, v in options.items())]
+    if "--height" not in options:
+        argv.append("--height=64")
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    event(f"exit {code}")
+    assert "Traceback" not in err, (argv, err)
+    if code == 0:
+        with Image.open(fuzz_root / "work" / out) as grid:
+            grid.verify()
+    else:
+        assert code == 2 and len(error_lines(err)) == 1, (argv, err)
+    assert tree_state(fuzz_root, skip=[fuzz_root / "work"]) == before, argv
+    for child in (fuzz_root / "work").iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 EXPORT_OPTIONS = {
