@@ -9,6 +9,7 @@ from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
 from sagrt.bench.config import BASELINE_PRECISIONS
 from sagrt.bench import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
 from sagrt.runtime.commands.common import add_model_argument, writable_dir
+from sagrt.runtime.checks import check_run_settings
 from sagrt.runtime.schedulers import canonical_name, scheduler_names
 
 
@@ -55,6 +56,7 @@ def run(args) -> int:
             writable_dir(Path(path).parent)  # fail before minutes of measuring, not after
     if args.scheduler is not None:
         canonical_name(args.scheduler)  # an unknown name fails here, not in the first worker
+    check_run_settings(args.seed, args.guidance_scale, args.sag_scale)  # before the diffusers baseline runs them
     report = run_bench(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     text = markdown(report)
     print(text)

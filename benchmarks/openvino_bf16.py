@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagrt.runtime import SAGPipeline  # noqa: E402
-from sagrt.runtime.metrics import psnr_db, relative_error  # noqa: E402
-from sagrt.runtime.runners import UNetRecorder  # noqa: E402
+from sagrt.metrics import psnr_db, relative_error  # noqa: E402
+from sagrt.runners import UNetRecorder  # noqa: E402
 
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse", "blurry"
 RUNS = {"torch fp32 (reference)": dict(backend="torch"),

@@ -25,8 +25,8 @@ from sagrt.engine.openvino_runner import (keep_float32, new_core, onnx_scope, pe
 from sagrt.export.attention import MID_BLOCK_LAYER  # noqa: E402
 from sagrt.export.models import build_preset  # noqa: E402
 from sagrt.export.onnx_export import export_model  # noqa: E402
-from sagrt.runtime.metrics import relative_error  # noqa: E402
-from sagrt.runtime.runners import TorchRunners  # noqa: E402
+from sagrt.metrics import relative_error  # noqa: E402
+from sagrt.runtime.torch_runners import TorchRunners  # noqa: E402
 
 
 def compiled(core, path: Path, mark_layer: bool):

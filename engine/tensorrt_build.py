@@ -363,7 +363,7 @@ def claim_engine_dir(engine_dir: Path) -> None:
     """Refuses a folder that holds files but neither a TensorRT manifest of sagrt nor its claim (a folder sagrt
     did not make never loses a file to a build), then claims it for the build."""
     manifest = read_manifest(engine_dir)
-    ours = (isinstance(manifest, dict) and manifest.get("kind") == "tensorrt") or (engine_dir / artifacts.CLAIM).exists()
+    ours = isinstance(manifest, dict) and manifest.get("kind") == "tensorrt" or (engine_dir / artifacts.CLAIM).exists()
     foreign = [] if ours else artifacts.foreign_entries(engine_dir, f".{engine_dir.name}.")
     if foreign:
         raise BuildError(f"{engine_dir} holds files sagrt did not write, e.g. {foreign[0]!r}: build into a new or "

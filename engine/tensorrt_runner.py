@@ -22,7 +22,7 @@ from sagrt.engine.cuda_graphs import capture_graph
 from sagrt.engine.profiles import BuildConfig, check_shapes, covering_config, pick_profile, symbolic_dims
 from sagrt.engine.tensorrt_build import build_for_model, rebuild_command, require_tensorrt, this_platform
 from sagrt.errors import SagrtError
-from sagrt.export.artifacts import manifest_differences, member, read_manifest
+from sagrt.export.artifacts import check_files, manifest_differences, member, read_manifest
 from sagrt.export.models import PRESETS
 from sagrt.export.specs import NetworkSpec
 from sagrt.networks import MID_BLOCK_LAYER, NETWORKS
@@ -52,6 +52,15 @@ def torch_dtype(trt_dtype) -> torch.dtype:
 
 
 # ---- manifests ---------------------------------------------------------------------------------
+def engine_table(manifest: dict) -> dict:
+    """{file: {"sha256", "bytes"}} of the engines a TensorRT manifest lists."""
+    engines = manifest.get("engines")
+    if not isinstance(engines, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                for e in engines.values()):
+        raise EngineError("the engine table of the manifest is malformed: build the engines again with --force")
+    return {e["file"]: {"sha256": e.get("sha256"), "bytes": e.get("bytes")} for e in engines.values()}
+
+
 def read_engine_manifest(engine_dir: str | Path) -> dict:
     manifest = read_manifest(engine_dir)
     if not manifest or manifest.get("kind") != "tensorrt":
@@ -318,6 +327,9 @@ class TensorRTRunners(Runners):
         self.info = ModelInfo(**manifest["model_info"])
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        # every engine inside the folder, of its size and sha256 (read in full once per boot, see check_files)
+        check_files(self.engine_dir, engine_table(manifest),
+                    f"rebuild with: {rebuild_command(manifest, self.engine_dir)}")
         self.engines = {}
         with torch.cuda.device(self.device):
             for network in NETWORKS:
@@ -328,9 +340,6 @@ class TensorRTRunners(Runners):
                 engine = Engine(network, member(self.engine_dir, entry["file"]), entry["profiles"],
                                 lambda shapes, n=network: shape_rebuild_command(manifest, self.engine_dir, n, shapes),
                                 cuda_graph=cuda_graph, max_shapes=max_shapes)
-                if not engine.path.is_file() or engine.path.stat().st_size != entry["bytes"]:
-                    raise EngineError(f"engine file {engine.path} is missing or truncated: rebuild with: "
-                                      f"{rebuild_command(manifest, self.engine_dir)}")
                 engine.load(trt, self.runtime)
                 self.engines[network] = engine
             self.stream = torch.cuda.Stream(self.device)

@@ -218,18 +218,21 @@ def staging_dir(folder: str | Path, prefix: str):
     import fcntl
 
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
-    lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield staging
+    try:  # from the folder's first moment: an interrupt (SIGTERM, Ctrl-C) may come before the lock is taken
+        lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield staging
+        finally:
+            os.close(lock)
     finally:
-        os.close(lock)
         _remove_tree(staging)
 
 
-def remove_stale_staging(folder: str | Path, prefix: str) -> list[Path]:
+def remove_stale_staging(folder: str | Path, prefix: str, legacy: bool = True) -> list[Path]:
     """Removes the `prefix*` staging folders of `folder` that no live process holds (see staging_dir); returns
-    them. A staging folder from before the lock existed is removed once it is LEGACY_STAGING_AGE_S old."""
+    them. `legacy`: also one from before the lock existed, once it is LEGACY_STAGING_AGE_S old (only in a folder
+    known to be sagrt's: without a lock file, nothing proves such a folder is sagrt's)."""
     import fcntl
 
     removed = []
@@ -238,7 +241,7 @@ def remove_stale_staging(folder: str | Path, prefix: str) -> list[Path]:
             continue
         lock_path = staging / STAGING_LOCK
         if not lock_path.exists():
-            if time.time() - staging.stat().st_mtime < LEGACY_STAGING_AGE_S:
+            if not legacy or time.time() - staging.stat().st_mtime < LEGACY_STAGING_AGE_S:
                 continue  # perhaps a writer between mkdtemp and its lock, or an older sagrt still at work
             _remove_tree(staging)
             removed.append(staging)

@@ -390,8 +390,8 @@ def claim_folder(folder: Path) -> set[str]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"cannot make export folder {folder}: {err.strerror or err}") from None
-    artifacts.remove_stale_staging(folder, STAGING)
     owned = artifacts.owned_files(folder, "onnx")
+    artifacts.remove_stale_staging(folder, STAGING, legacy=owned is not None)
     if owned is None:
         foreign = artifacts.foreign_entries(folder, STAGING)
         if foreign:

@@ -167,3 +167,10 @@ def torch_device(device) -> torch.device:
         if not available:
             raise InputError(f"device {device!r} is not available here: use cpu or cuda")
     return parsed
+
+
+def check_run_settings(seed, guidance_scale, sag_scale) -> None:
+    """What a command checks before it starts worker processes or loads a model: the seed and finite scales."""
+    seeded_generator(seed)
+    real("guidance_scale", guidance_scale)
+    real("sag_scale", sag_scale)

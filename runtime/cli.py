@@ -20,15 +20,22 @@ COMMANDS = {
     "build": ("sagrt.runtime.commands.build", "export if needed, then build TensorRT engines for this GPU"),
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.bench.command", "time sagrt backends against eager diffusers, with parity"),
-    "verify": ("sagrt.runtime.commands.verify", "read every file of an export or engine folder against its manifest"),
+    "verify": ("sagrt.runtime.commands.verify", "check every byte of an export or engine folder against its manifest"),
     "serve": ("sagrt.serve.command", "HTTP service: native, OpenAI and A1111 endpoints, batching, Ray"),
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line too (argparse prints its usage first), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from sagrt import __version__
 
-    parser = argparse.ArgumentParser(prog="sagrt", description="Stable Diffusion with Self-Attention Guidance "
+    parser = OneLineParser(prog="sagrt", description="Stable Diffusion with Self-Attention Guidance "
                                      "on compiled engines (TensorRT, ONNX Runtime), with PyTorch parity.")
     parser.add_argument("--version", action="version", version=f"sagrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -221,12 +221,31 @@ class SAGPipeline:
         negative = repeat(negative_prompt_embeds.to(self.device, self.runners.dtype)) if do_cfg else None
         return repeat(prompt_embeds), negative
 
-    # ---- checks ------------------------------------------------------------------------------
+    # ---- checks -------------------------------------------------------------------------------
     def check_inputs(self, prompt, height, width, num_inference_steps, callback_steps, negative_prompt,
                      prompt_embeds, negative_prompt_embeds, *, guidance_scale=7.5, sag_scale=0.75,
                      num_images_per_prompt=1, eta=0.0, generator=None, latents=None, output_type="pil",
                      callback=None, cross_attention_kwargs=None, clip_skip=None, sag=None):
         """Refuses, with one line in the API's terms, every argument the call cannot use, before any work."""
+        self._check_numbers(height, width, num_inference_steps, callback_steps, num_images_per_prompt,
+                            guidance_scale, sag_scale, eta, clip_skip)
+        batch = self._check_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        images = batch * num_images_per_prompt
+        checks.generators(generator, images)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise InputError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {checks.describe(callback)}")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise InputError(f"cross_attention_kwargs must be a dict, got {checks.describe(cross_attention_kwargs)}")
+        if sag is not None and not isinstance(sag, SAGConfig):
+            raise InputError(f"sag must be a SAGConfig, got {checks.describe(sag)}")
+        self._check_bounds(height, width, images, scale_switch("guidance_scale", guidance_scale, 1.0), sag)
+
+    def _check_numbers(self, height, width, num_inference_steps, callback_steps, num_images_per_prompt,
+                       guidance_scale, sag_scale, eta, clip_skip):
         factor, side = self.info.vae_scale_factor, self.info.min_latent_side * self.info.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             checks.integer(name, value)
@@ -241,6 +260,11 @@ class SAGPipeline:
         scale_switch("guidance_scale", guidance_scale, 1.0)
         scale_switch("sag_scale", sag_scale, 0.0)
         checks.real("eta", eta)
+        if clip_skip is not None:  # one range on every backend: layer_hidden[-(clip_skip + 1)] must exist
+            checks.integer("clip_skip", clip_skip, 0, self.info.text_layers)
+
+    def _check_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """The prompts' batch size, after checking prompts and embeddings."""
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("pass exactly one of prompt and prompt_embeds")
         checks.string_list("prompt", prompt)
@@ -256,29 +280,19 @@ class SAGPipeline:
             raise InputError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        images = batch * num_images_per_prompt
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
             raise InputError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch}")
-        checks.generators(generator, images)
-        if latents is not None and not isinstance(latents, torch.Tensor):
-            raise InputError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
-        if callback is not None and not callable(callback):
-            raise InputError(f"callback must be callable, got {checks.describe(callback)}")
-        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-            raise InputError(f"cross_attention_kwargs must be a dict, got {checks.describe(cross_attention_kwargs)}")
-        if clip_skip is not None:
-            checks.integer("clip_skip", clip_skip, 0, self.info.text_layers)
-        if sag is not None and not isinstance(sag, SAGConfig):
-            raise InputError(f"sag must be a SAGConfig, got {checks.describe(sag)}")
+        return batch
+
+    def _check_bounds(self, height, width, images, do_cfg, sag):
+        """Sizes this machine's memory can hold, and a blur no wider than the latent needs (before allocating)."""
+        factor = self.info.vae_scale_factor
         latent = (height // factor, width // factor)
         kernel_limit = checks.blur_kernel_limit(*latent)
         if sag is not None and sag.blur_kernel > kernel_limit:
             raise InputError(f"SAG blur kernel size {sag.blur_kernel} is wider than a {latent[0]}x{latent[1]} "
                              f"latent needs: use at most {kernel_limit}")
-        checks.check_memory(self.info, self.device, images, height, width,
-                            scale_switch("guidance_scale", guidance_scale, 1.0))
+        checks.check_memory(self.info, self.device, images, height, width, do_cfg)
 
     def _step_kwargs(self, generator, eta):
         params = inspect.signature(self.scheduler.step).parameters

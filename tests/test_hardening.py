@@ -243,14 +243,14 @@ def test_sigterm_during_export_cleans_up(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "sagrt.runtime.cli", "export", "--out", str(target)],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not list(target.glob(".export-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(target.glob(".export-*")), "the export never started staging"
     child.send_signal(signal.SIGTERM)
-    assert child.wait(timeout=60) == 130
-    assert "interrupted" in child.stderr.read()
-    assert not (tmp_path / "sig").exists()
+    code, err = child.wait(timeout=120), child.stderr.read()
+    assert code == 130 and "interrupted" in err, (code, err)
+    assert not (tmp_path / "sig").exists(), list((tmp_path / "sig").rglob("*"))
 
 
 # ---- 3. concurrent calls ---------------------------------------------------------------------------
@@ -450,9 +450,9 @@ CLI_PROBES = {
     "device cuda": (["generate", "--model", "tiny", "--device", "cuda"], "CUDA, which is not available"),
     "opset 0": (["export", "--opset", "0"], "opset 0 is outside"),
     "opset 99": (["export", "--opset", "99"], "opset 99 is outside"),
-    "guidance inf": (["generate", "--model", "tiny", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-    "guidance nan": (["generate", "--model", "tiny", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    "sag -inf": (["generate", "--model", "tiny", "--sag-scale=-inf"], "--sag-scale must be a finite number"),
+    "guidance inf": (["generate", "--model", "tiny", "--guidance-scale", "inf"], "guidance_scale must be a finite number"),
+    "guidance nan": (["generate", "--model", "tiny", "--guidance-scale", "nan"], "guidance_scale must be a finite number"),
+    "sag -inf": (["generate", "--model", "tiny", "--sag-scale=-inf"], "sag_scale must be a finite number"),
     "blur kernel huge": (["generate", "--model", "tiny", "--sag-blur-kernel", "100001"], "blur kernel size 100001 is wider"),
     "blur sigma nan": (["generate", "--model", "tiny", "--sag-blur-sigma", "nan"], "blur sigma must be a finite number"),
     "steps huge": (["generate", "--model", "tiny", "--steps", "1000000000", "--scheduler", "euler"], "must be <= 1000"),
@@ -460,6 +460,14 @@ CLI_PROBES = {
     "height 0": (["generate", "--model", "tiny", "--height", "0"], "height must be a positive multiple of 8"),
     "unwritable out": (["generate", "--model", "tiny", "--out", "/sys/sagrt-probe"], "cannot write to /sys/sagrt-probe"),
     "export unwritable": (["export", "--out", "/sys/sagrt-probe"], "cannot make export folder"),
+    "bench seed": (["bench", "--size", "64x64", "--seed", "18446744073709551616"], "seed must be an integer"),
+    "bench guidance nan": (["bench", "--size", "64x64", "--guidance-scale", "nan"], "guidance_scale must be a finite"),
+    "compare sag inf": (["compare", "--model", "tiny", "a cat", "--out", "grid.png", "--steps", "1", "--sag-scales", "inf,1"],
+                        "sag_scale must be a finite number"),
+    "compare seed": (["compare", "--model", "tiny", "a cat", "--out", "grid.png", "--steps", "1", "--seed", "-9223372036854775809"],
+                     "seed must be an integer"),
+    "parity guidance inf": (["parity", "--steps", "1", "--guidance-scale", "inf"], "guidance_scale must be a finite"),
+    "verify not a folder": (["verify", "secret.txt"], "is not a folder"),
 }
 
 
@@ -469,7 +477,7 @@ def test_bad_cli_input_is_one_line(workspace, capsys, probe):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     before = tree_state(workspace)
-    if argv[0] == "generate":  # the torch backend: backend auto would first export tiny into this fresh cache
+    if argv[0] in ("generate", "compare"):  # the torch backend: auto would first export tiny into this fresh cache
         argv = [*argv, "--backend", "torch"] + ([] if "--steps" in argv else ["--steps", "1"])
     assert main(argv) == 2
     assert message in one_line_error(capsys, argv[0])
@@ -630,3 +638,17 @@ def test_verify_engine_folder_and_refusals(tmp_path, capsys):
     assert "not a plain relative file name" in one_line_error(capsys, "verify")
     assert main(["verify", str(tmp_path)]) == 2
     assert "holds no sagrt manifest" in one_line_error(capsys, "verify")
+
+
+def test_old_unlocked_staging_is_removed_only_in_sagrts_folder(tiny_onnx, tmp_path):
+    old = time.time() - 2 * artifacts.LEGACY_STAGING_AGE_S
+    for name in ("export", "foreign"):
+        (tmp_path / name / ".export-old").mkdir(parents=True)
+        os.utime(tmp_path / name / ".export-old", (old, old))
+    shutil.copytree(tiny_onnx, tmp_path / "export", dirs_exist_ok=True)
+    from sagrt.export.onnx_export import claim_folder
+
+    claim_folder(tmp_path / "export")
+    claim_folder(tmp_path / "foreign")  # holds nothing but the staging-like folder: usable, and it is kept
+    assert not (tmp_path / "export" / ".export-old").exists()
+    assert (tmp_path / "foreign" / ".export-old").is_dir()

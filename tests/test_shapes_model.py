@@ -6,7 +6,6 @@ the prompt. Chance is 1/4 * 1/8 * 1/7 (under 0.5 %).
 """
 
 import pytest
-import torch
 
 from training import shapes_classifier
 from training.evaluate_sag import adherence, fixed_prompts, generate

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.checks import seeded_generator
+from sagrt.runtime.checks import check_run_settings, seeded_generator
 from sagrt.runtime.commands.common import (PICTURE_MODEL, add_denoise_arguments, add_model_arguments,
                                            add_sag_arguments, open_pipeline, sag_config, save_image_atomic,
                                            writable_dir)
@@ -68,6 +68,8 @@ def generate_cell(pipe, args, sag, scale: float, mask_step: int | None):
 def run(args) -> int:
     sag = sag_config(args)
     scales = parse_scales(args.sag_scales)
+    for scale in scales:  # before the model loads (an export on first use takes a while)
+        check_run_settings(args.seed, args.guidance_scale, scale)
     if args.steps < 1:
         raise SagrtError(f"--steps must be >= 1, got {args.steps}")
     if args.show_mask is not None and not 0 <= args.show_mask < args.steps:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.checks import integer, real, seeded_generator
+from sagrt.runtime.checks import check_run_settings, integer, seeded_generator
 from sagrt.runtime.commands.common import (PICTURE_MODEL, add_model_arguments, add_sampling_arguments, load_pipeline,
                                            sag_config, save_image_atomic, writable_dir)
 
@@ -29,10 +29,8 @@ def generate(pipe, args, sag):
 def run(args) -> int:
     sag = sag_config(args)
     # what can be checked without the model is checked before it loads (an export on first use takes a while)
-    seeded_generator(args.seed)
-    real("--guidance-scale", args.guidance_scale)
-    real("--sag-scale", args.sag_scale)
-    integer("--steps", args.steps, low=1)
+    check_run_settings(args.seed, args.guidance_scale, args.sag_scale)
+    integer("steps", args.steps, low=1)
     if args.num_images < 1:
         raise SagrtError(f"--num-images must be >= 1, got {args.num_images}")
     created = not Path(args.out).exists()

@@ -17,7 +17,7 @@ from sagrt.errors import SagrtError
 from sagrt.runtime.backends import BACKEND_NAMES, resolve_backend
 from sagrt.runtime.commands.common import (OPTION_FLAGS, add_model_arguments, add_sampling_arguments, backend_options,
                                            load_pipeline, sag_config)
-from sagrt.runtime.checks import seeded_generator
+from sagrt.runtime.checks import check_run_settings, seeded_generator
 from sagrt.metrics import psnr_db, relative_error
 from sagrt.runners import UNetRecorder
 
@@ -144,6 +144,7 @@ EAGER_BF16 = "eager bf16"  # the yardstick of a bf16 backend: diffusers' modules
 def run(args) -> int:
     backend_a, backend_b = parse_backends(args.backends)
     sag = sag_config(args)
+    check_run_settings(args.seed, args.guidance_scale, args.sag_scale)  # before either backend loads (exports)
     options = split_options(backend_options(args), (backend_a, backend_b))
     relative = options[backend_a].get("precision") == "bf16"
     runs = {backend_a: (backend_a, options[backend_a]), backend_b: (backend_b, options[backend_b])}

@@ -16,15 +16,6 @@ def add_arguments(parser):
     parser.add_argument("folder", metavar="DIR", help="a folder made by `sagrt export` or `sagrt build`")
 
 
-def engine_table(manifest: dict) -> dict:
-    """{file: {"sha256", "bytes"}} of the engines a TensorRT manifest lists."""
-    engines = manifest.get("engines")
-    if not isinstance(engines, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                                for e in engines.values()):
-        raise SagrtError("the engine table of the manifest is malformed: build the engines again with --force")
-    return {e["file"]: {"sha256": e.get("sha256"), "bytes": e.get("bytes")} for e in engines.values()}
-
-
 def verify_folder(folder: str | Path) -> tuple[str, dict]:
     """(kind, file table) of `folder` after reading every file it lists; raises SagrtError at the first that
     differs from the manifest."""
@@ -38,6 +29,8 @@ def verify_folder(folder: str | Path) -> tuple[str, dict]:
     if kind == "onnx":
         return kind, verify_export(folder, full=True)["files"]
     if kind == "tensorrt":
+        from sagrt.engine.tensorrt_runner import engine_table
+
         files = engine_table(manifest)
         artifacts.check_files(folder, files, "rebuild the engines with `sagrt build ... --force`", full=True)
         return kind, files
