@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from conftest import relative_error
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_SEED = 666
 

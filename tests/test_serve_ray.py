@@ -10,13 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 
 
