@@ -2,6 +2,7 @@
 requests through the proxy each get the image the pipeline gives for their seed, and both replicas serve."""
 
 import asyncio
+import functools
 import io
 import os
 import signal
@@ -29,14 +30,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def reference_pixels(seed: int) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def pipeline():
     from sagrt.runtime import SAGPipeline
 
     pipe = SAGPipeline.from_pretrained("tiny")
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(["a red house"], num_inference_steps=4, guidance_scale=[7.5], sag_scale=[0.75], negative_prompt=[""],
-                 generator=[torch.Generator().manual_seed(seed)]).images[0]
+    return pipe
+
+
+def reference_pixels(seed: int, steps: int) -> np.ndarray:
+    """The image a request alone gets (one image, its own generator), made in this process."""
+    image = pipeline()(["a red house"], num_inference_steps=steps, guidance_scale=[7.5], sag_scale=[0.75],
+                       negative_prompt=[""], generator=[torch.Generator().manual_seed(seed)]).images[0]
     return np.asarray(image).astype(np.int16)
+
+
+def assert_right(response, seed: int, steps: int):
+    got = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(np.int16)
+    assert np.abs(got - reference_pixels(seed, steps)).max() <= 1, (seed, response.headers["x-sagrt-replica"])
 
 
 @pytest.mark.slow
@@ -75,11 +87,12 @@ def test_ray_two_replicas(tmp_path):
 
         responses = asyncio.run(burst())
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-        replicas = {r.headers["x-sagrt-replica"] for r in responses}
-        assert len(replicas) == 2, replicas
-        for seed in (0, 3, 7):
-            got = np.asarray(Image.open(io.BytesIO(responses[seed].content)).convert("RGB")).astype(np.int16)
-            assert np.abs(got - reference_pixels(seed)).max() <= 1, seed
+        assert all(r.headers["x-request-id"] and "," not in r.headers["x-request-id"] for r in responses)
+        one = httpx.post(url + "/v1/generate", headers={"X-Request-Id": "ray-req-1"}, timeout=120,
+                         json={"prompt": "a red house", "num_inference_steps": 2})
+        assert one.headers["x-request-id"] == "ray-req-1"
+        for seed, response in enumerate(responses):
+            assert_right(response, seed, 4)
 
         async def flood():  # 2 replicas x 4 ongoing + 8 queued by Ray: the rest is refused at once
             async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
@@ -91,6 +104,11 @@ def test_ray_two_replicas(tmp_path):
         # how many fit depends on how fast requests finish while the rest arrive: only 200 and 429, some of each
         assert set(codes) == {200, 429} and codes.count(200) >= 8, codes
         assert all(r.headers.get("retry-after") for r in flooded if r.status_code == 429)
+        replicas = {r.headers["x-sagrt-replica"] for r in responses + flooded if r.status_code == 200}
+        assert len(replicas) == 2, replicas  # both replicas served
+        for seed, response in enumerate(flooded):
+            if response.status_code == 200:
+                assert_right(response, seed, 20)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
