@@ -19,6 +19,7 @@ from sagrt.serve.service import READY, Service
 from sagrt.serve.worker import JobError, JobResult, QueueFull
 
 NATIVE_FIELDS = {"steps": "num_inference_steps"}
+KEEPALIVE_S = 15.0  # an event-stream comment line this often while nothing else is sent
 
 
 def create_app(config, service: Service | None = None) -> FastAPI:
@@ -200,12 +201,16 @@ async def event_stream(service: Service, job):
     try:
         while True:
             getter = asyncio.ensure_future(job.events.get())
-            done, _ = await asyncio.wait({getter, job.future}, timeout=max(0.0, job.deadline - time.monotonic()),
+            left = job.deadline - time.monotonic()
+            done, _ = await asyncio.wait({getter, job.future}, timeout=max(0.0, min(left, KEEPALIVE_S)),
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 yield sse(*getter.result())
                 continue
             getter.cancel()
+            if not job.future.done() and left > KEEPALIVE_S:  # a long wait in the queue: keep proxies from closing
+                yield ": keep-alive\n\n"
+                continue
             if not job.future.done():  # past the deadline
                 service.worker.cancel(job.id, "timeout")
                 yield sse("error", {"id": job.id, "status": 504,

@@ -46,6 +46,7 @@ class ServeConfig:
     max_prompt_chars: int = 4000
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
     warmup: bool = True
+    echo_request_id: bool = True  # False under Ray Serve: its proxy already answers with the same X-Request-Id
     replica: str = field(default_factory=default_replica_name)
 
     def __post_init__(self):

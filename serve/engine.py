@@ -75,27 +75,25 @@ class Engine:
             if want_masks:
                 masks[step] = split_rows(slices, [mask_png(row) for row in mask[:, 0]])
 
-        last = [None]
+        seeds = [seed for job, first, count in slices for seed in job.params.seeds[first:first + count]]
 
         def callback(step, t, latents):
-            if self.fault_seed is not None and self.fault_seed in [seed for job, first, count in slices
-                                                                   for seed in job.params.seeds[first:first + count]]:
+            if self.fault_seed is not None and self.fault_seed in seeds:
                 raise RuntimeError(f"injected fault for seed {self.fault_seed}")
-            now = _now()
-            if last[0] is not None:
-                self.metrics.step_seconds.observe(now - last[0])
-            last[0] = now
             on_step(slices, step + 1, masks.pop(step, None))
 
         from sagrt.runtime.pipeline import SAGConfig
 
         self.pipe.scheduler = self.scheduler_for(params.scheduler, params.karras_sigmas)
-        last[0] = _now()
-        images = self.pipe(prompts, height=params.height, width=params.width, num_inference_steps=params.steps,
-                           guidance_scale=guidance, sag_scale=sag, negative_prompt=negatives, generator=generators,
-                           output_type="np", callback=callback, sag_mask_callback=on_mask,
-                           sag=SAGConfig(threshold=params.sag_threshold, blur_sigma=params.sag_blur_sigma,
-                                         blur_kernel=params.sag_blur_kernel, window=params.sag_window)).images
+        try:
+            images = self.pipe(prompts, height=params.height, width=params.width, num_inference_steps=params.steps,
+                               guidance_scale=guidance, sag_scale=sag, negative_prompt=negatives,
+                               generator=generators, output_type="np", callback=callback, sag_mask_callback=on_mask,
+                               sag=SAGConfig(threshold=params.sag_threshold, blur_sigma=params.sag_blur_sigma,
+                                             blur_kernel=params.sag_blur_kernel, window=params.sag_window)).images
+        finally:
+            for seconds in self.pipe.timings.steps:  # also the steps of a call stopped early
+                self.metrics.step_seconds.observe(seconds)
         outputs = []
         for job_images in split_rows(slices, list(images)):
             if not all(np.isfinite(image).all() for image in job_images):
@@ -103,12 +101,6 @@ class Engine:
             else:
                 outputs.append(([to_pil(image) for image in job_images], None))
         return outputs
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def split_rows(slices, rows: list) -> list[list]:

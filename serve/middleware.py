@@ -39,7 +39,9 @@ class RequestContext:
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         endpoint, start, status = endpoint_label(scope["path"]), time.perf_counter(), [500]
-        extra = [(b"x-request-id", request_id.encode()), (b"x-sagrt-replica", config.replica.encode())]
+        extra = [(b"x-sagrt-replica", config.replica.encode())]
+        if config.echo_request_id:
+            extra.append((b"x-request-id", request_id.encode()))
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":

@@ -29,7 +29,8 @@ class SagrtReplica:
         from sagrt.serve.service import Service
 
         tag = serve.get_replica_context().replica_id.unique_id
-        self.config = dataclasses.replace(config, replica=f"{socket.gethostname()}:{os.getpid()}:{tag}")
+        self.config = dataclasses.replace(config, replica=f"{socket.gethostname()}:{os.getpid()}:{tag}",
+                                          echo_request_id=False)
         self.service = Service(self.config)
         self.service.start()
         # the replica counts as started only once its model is loaded and warm

@@ -4,7 +4,6 @@ A second signal exits at once."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
@@ -35,7 +34,24 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses a port another process holds before the model loads (uvicorn would find out after)."""
+    import socket
+
+    from sagrt.serve.config import ServeConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ServeConfigError(f"cannot listen on {host}:{port} ({err.strerror}): pass another --port or "
+                                   f"--host") from None
+
+
 def serve(config, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    check_port(host, port)
     service = Service(config)
     app = create_app(config, service)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
@@ -44,4 +60,4 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000, log_level: str = "i
     return 0
 
 
-__all__ = ["DrainingServer", "serve", "signal"]
+__all__ = ["DrainingServer", "serve"]

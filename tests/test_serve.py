@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from conftest import relative_error
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 FAULT_SEED = 666
 
@@ -428,7 +428,7 @@ def test_timeout_504_then_drain_on_sigterm(tmp_path):
         async def scenario():
             async with httpx.AsyncClient(timeout=60) as client:
                 work = asyncio.ensure_future(client.post(srv.url + "/v1/generate", headers={"X-Request-Id": "last"},
-                                                         json={"prompt": "a road", "num_inference_steps": 60}))
+                                                         json={"prompt": "a road", "num_inference_steps": 30}))
                 await asyncio.get_running_loop().run_in_executor(None, wait_running, srv.url, "last")
                 srv.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.2)
@@ -536,3 +536,28 @@ def test_a1111_progress_and_interrupt(server):
     assert stopped == 1 and ran <= 1, f"{ran} steps after the interrupt"
     idle = httpx.get(server.url + "/sdapi/v1/progress").json()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    (["--max-size", "big"], "--max-size 'big' must be WIDTHxHEIGHT"),
+    (["--max-batch", "0"], "--max-batch must be an integer >= 1"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--scheduler", "nope"], "unknown scheduler 'nope'"),
+])
+def test_cli_refuses_bad_options(capsys, options, message):
+    from sagrt.runtime.cli import main
+
+    assert main(["serve", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_cli_refuses_a_taken_port(capsys):
+    from sagrt.runtime.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert main(["serve", "--port", str(sock.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

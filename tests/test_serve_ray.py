@@ -2,6 +2,7 @@
 requests through the proxy each get the image the pipeline gives for their seed, and both replicas serve."""
 
 import asyncio
+import functools
 import io
 import os
 import signal
@@ -10,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 pytest.importorskip("ray.serve")
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,14 +30,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def reference_pixels(seed: int) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def pipeline():
     from sagrt.runtime import SAGPipeline
 
     pipe = SAGPipeline.from_pretrained("tiny")
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(["a red house"], num_inference_steps=4, guidance_scale=[7.5], sag_scale=[0.75], negative_prompt=[""],
-                 generator=[torch.Generator().manual_seed(seed)]).images[0]
+    return pipe
+
+
+def reference_pixels(seed: int, steps: int) -> np.ndarray:
+    """The image a request alone gets (one image, its own generator), made in this process."""
+    image = pipeline()(["a red house"], num_inference_steps=steps, guidance_scale=[7.5], sag_scale=[0.75],
+                       negative_prompt=[""], generator=[torch.Generator().manual_seed(seed)]).images[0]
     return np.asarray(image).astype(np.int16)
+
+
+def assert_right(response, seed: int, steps: int):
+    got = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(np.int16)
+    assert np.abs(got - reference_pixels(seed, steps)).max() <= 1, (seed, response.headers["x-sagrt-replica"])
 
 
 @pytest.mark.slow
@@ -46,7 +59,7 @@ def test_ray_two_replicas(tmp_path):
     log = open(tmp_path / "ray.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "sagrt.runtime.cli", "serve", "--ray", "--replicas", "2", "--num-cpus-per-replica",
-         "1", "--model", "tiny", "--backend", "torch", "--port", str(port), "--max-batch", "2"],
+         "1", "--model", "tiny", "--backend", "torch", "--port", str(port), "--max-batch", "2", "--max-queue", "8"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
@@ -70,15 +83,32 @@ def test_ray_two_replicas(tmp_path):
         async def burst():
             async with httpx.AsyncClient(timeout=120) as client:
                 return await asyncio.gather(*(client.post(url + "/v1/generate", json={
-                    "prompt": "a red house", "seed": seed, "num_inference_steps": 4}) for seed in range(16)))
+                    "prompt": "a red house", "seed": seed, "num_inference_steps": 4}) for seed in range(8)))
 
         responses = asyncio.run(burst())
-        replicas = {r.headers["x-sagrt-replica"] for r in responses}
         assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-        assert len(replicas) == 2, replicas
-        for seed in (0, 7, 15):
-            got = np.asarray(Image.open(io.BytesIO(responses[seed].content)).convert("RGB")).astype(np.int16)
-            assert np.abs(got - reference_pixels(seed)).max() <= 1, seed
+        assert all(r.headers["x-request-id"] and "," not in r.headers["x-request-id"] for r in responses)
+        one = httpx.post(url + "/v1/generate", headers={"X-Request-Id": "ray-req-1"}, timeout=120,
+                         json={"prompt": "a red house", "num_inference_steps": 2})
+        assert one.headers["x-request-id"] == "ray-req-1"
+        for seed, response in enumerate(responses):
+            assert_right(response, seed, 4)
+
+        async def flood():  # 2 replicas x 4 ongoing + 8 queued by Ray: the rest is refused at once
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+                return await asyncio.gather(*(client.post(url + "/v1/generate", json={
+                    "prompt": "a red house", "seed": seed, "num_inference_steps": 20}) for seed in range(48)))
+
+        flooded = asyncio.run(flood())
+        codes = [r.status_code for r in flooded]
+        # how many fit depends on how fast requests finish while the rest arrive: only 200 and 429, some of each
+        assert set(codes) == {200, 429} and codes.count(200) >= 8, codes
+        assert all(r.headers.get("retry-after") for r in flooded if r.status_code == 429)
+        replicas = {r.headers["x-sagrt-replica"] for r in responses + flooded if r.status_code == 200}
+        assert len(replicas) == 2, replicas  # both replicas served
+        for seed, response in enumerate(flooded):
+            if response.status_code == 200:
+                assert_right(response, seed, 20)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
