@@ -131,9 +131,7 @@ async function apiError(response) {
     delete fields[""];
     return new ApiError(response.status, general || "", fields);
   }
-  const retry = response.headers.get("Retry-After");
-  let message = typeof detail === "string" ? detail : `${response.status} ${response.statusText}`;
-  if (retry && response.status === 429) message += ` (retry in ${retry} s)`;
+  const message = typeof detail === "string" ? detail : `${response.status} ${response.statusText}`;
   return new ApiError(response.status, message);
 }
 
