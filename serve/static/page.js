@@ -12,18 +12,21 @@ const MAX_RUNS = 30;  // older runs are dropped from the page (their images stay
 const page = { status: null, configured: false, jobs: [], aborts: [], busy: false, lastSeed: null };
 
 // ---- service state --------------------------------------------------------------------------------------
-async function pollStatus() {
-  let next = 2000;
+async function refreshStatus() {
   try {
     const response = await fetch("/v1/status", { cache: "no-store" });
     const status = await response.json();
     showStatus(status);
-    if (!status.ready) next = 700;
+    return status.ready;
   } catch (err) {
     showStatus(null);
-    next = 3000;
+    return null;
   }
-  setTimeout(pollStatus, next);
+}
+
+async function pollStatus() {
+  const ready = await refreshStatus();
+  setTimeout(pollStatus, ready ? 2000 : ready === false ? 700 : 3000);
 }
 
 function showStatus(status) {
@@ -58,7 +61,7 @@ function configureForm(status) {
   $("n").max = status.max_images;
   const select = $("scheduler");
   const chosen = select.value || select.dataset.restore || "";
-  select.options[0].textContent = `model's default (${status.default_scheduler})`;
+  select.options[0].textContent = `default (${status.default_scheduler})`;
   for (const name of status.schedulers) select.add(new Option(name, name));
   select.value = status.schedulers.includes(chosen) ? chosen : "";
 }
@@ -250,6 +253,7 @@ async function run(bodies, kind) {
   page.aborts = [];
   page.cancelled = false;
   setBusy(false);
+  refreshStatus();
   const failed = outcomes.filter((o) => o.status === "rejected").map((o) => o.reason);
   if (cancelled && failed.length) {
     const step = Math.max(...tracks.map((t) => t.step));
@@ -333,6 +337,9 @@ function addRun(kind, bodies, results) {
   slider.max = steps;
   if (Number(slider.value) > steps || !slider.dataset.touched) slider.value = steps;
   drawMasks();
+  if (article.getBoundingClientRect().top > window.innerHeight) {  // one column (a phone): bring the images up
+    article.scrollIntoView({ behavior: "smooth", block: "start" });
+  }
 }
 
 function card(result, index, body, kind) {
