@@ -15,12 +15,11 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-sync_api = pytest.importorskip("playwright.sync_api")
 from test_serve import Server  # noqa: E402  (one home for the server fixture's process)
 
+from sagrt.serve.page import parse_infotext  # noqa: E402
+
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system browser: "
-                                                         "apt-get update && apt-get install -y chromium")
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 
@@ -53,6 +52,9 @@ def shots(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("needs the system browser: apt-get update && apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM)
         yield chromium
@@ -139,6 +141,14 @@ def test_enter_shows_progress_then_image_with_parameters(tab, shots):
     assert "Seed: 31" in png.info["parameters"] and "Size: 64x96" in png.info["parameters"]
     assert download.value.suggested_filename == "sagrt-31-sag0.75.png"
     shots(page, "03-image")
+
+    tab.fill(prompt="something else", seed=-1, width=128, num_inference_steps=5)  # the file brings its settings back
+    page.set_input_files("#load-png", download.value.path())
+    page.wait_for_selector("#run-message[data-kind='ok']", timeout=5_000)
+    assert page.text_content("#run-message").endswith("(not used here: Model)")
+    assert [page.input_value(f"#{field}") for field in ("prompt", "seed", "width", "height", "num_inference_steps",
+                                                       "scheduler", "sag_scale")] == \
+        ["a red house", "31", "64", "96", "60", "ddim", "0.75"]
 
 
 def test_compare_differs_and_mask_toggle_draws_overlay(tab, shots):
@@ -239,3 +249,18 @@ def test_phone_width_and_keyboard_alone(browser, server, shots):
         shots(page, "09-phone", full_page=True)
     finally:
         tab.close()
+
+
+def test_parameters_text_back_to_fields():
+    """A1111's infotext (quoted values, multi-line prompts, Schedule type) -> /v1/generate's fields."""
+    text = ('a cat, "quoted"\non a sofa\nNegative prompt: blurry,\nugly\n'
+            'Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 123, Size: 512x768, '
+            'Model hash: abc, Lora hashes: "a: 1, b: 2", SAG scale: 0.5, SAG window: 0.0:0.8, SAG blur kernel: 7')
+    parsed = parse_infotext(text)
+    assert parsed["fields"] == {"prompt": 'a cat, "quoted"\non a sofa', "negative_prompt": "blurry,\nugly",
+                                "num_inference_steps": 30, "scheduler": "dpm++2m", "karras_sigmas": True,
+                                "guidance_scale": 6.5, "seed": 123, "width": 512, "height": 768, "sag_scale": 0.5,
+                                "sag_window": [0.0, 0.8], "sag_blur_kernel": 7}
+    assert parsed["ignored"] == ["Model hash", "Lora hashes"]
+    assert parse_infotext("just a prompt\nSteps: many, Sampler: Nope") == \
+        {"fields": {"prompt": "just a prompt", "negative_prompt": None}, "ignored": ["Steps", "Sampler"]}

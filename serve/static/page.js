@@ -261,12 +261,14 @@ async function run(bodies, kind) {
     $("progress-label").textContent = "cancelled";
   } else if (failed.length) {
     showError(failed[0]);
-    $("progress-label").textContent = "failed";
+    const made = bodies.length - failed.length;
+    $("progress-label").textContent = made ? `${made} of ${bodies.length} done` : "failed";
   } else {
     $("progress-label").textContent = `done in ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }
-  const results = outcomes.map((o, i) => (o.status === "fulfilled" ? { ...o.value, masks: tracks[i].masks } : null));
-  if (results.some(Boolean)) addRun(kind, bodies, results);  // what finished, also when others failed
+  const made = outcomes.map((o, i) => (o.status === "fulfilled" ? [bodies[i], { ...o.value, masks: tracks[i].masks }] : null))
+    .filter(Boolean);
+  if (made.length) addRun(kind, made.map(([body]) => body), made.map(([, result]) => result));  // also when others failed
 }
 
 function generate() {
@@ -309,7 +311,7 @@ async function cancel() {
 // ---- images -------------------------------------------------------------------------------------------
 function addRun(kind, bodies, results) {
   $("empty").hidden = true;
-  const first = results.find(Boolean);
+  const first = results[0];
   const body = bodies[0];
   const article = document.createElement("article");
   article.className = `run ${kind}`;
@@ -323,10 +325,7 @@ function addRun(kind, bodies, results) {
       : `SAG ${body.sag_scale}`, `queue ${Math.round(first.queue_ms)} ms, run ${Math.round(first.run_ms)} ms`].join(" · ");
   const grid = document.createElement("div");
   grid.className = "images";
-  results.forEach((result, r) => {
-    if (!result) return;
-    result.images.forEach((b64, i) => grid.append(card(result, i, bodies[r], kind)));
-  });
+  results.forEach((result, r) => result.images.forEach((b64, i) => grid.append(card(result, i, bodies[r], kind))));
   article.append(title, meta, grid);
   $("runs").prepend(article);
   while ($("runs").children.length > MAX_RUNS) $("runs").lastElementChild.remove();
@@ -426,6 +425,71 @@ function paintMask(canvas, b64) {
   image.src = `data:image/png;base64,${b64}`;
 }
 
+// ---- settings from a PNG (its "parameters" text chunk) ------------------------------------------------
+async function pngText(buffer, keyword) {
+  // The text of `keyword` in a PNG's tEXt or iTXt chunk; null when the file has none. Throws if not a PNG.
+  const bytes = new Uint8Array(buffer);
+  const view = new DataView(buffer);
+  if (![137, 80, 78, 71, 13, 10, 26, 10].every((b, i) => bytes[i] === b)) throw new Error("this file is not a PNG");
+  const latin1 = new TextDecoder("latin1");
+  for (let at = 8; at + 8 <= bytes.length;) {
+    const length = view.getUint32(at);
+    const type = latin1.decode(bytes.subarray(at + 4, at + 8));
+    const data = bytes.subarray(at + 8, at + 8 + length);
+    at += 12 + length;  // length, type, data, CRC
+    if (type === "IEND") break;
+    if (type !== "tEXt" && type !== "iTXt") continue;
+    const zero = data.indexOf(0);
+    if (latin1.decode(data.subarray(0, zero)) !== keyword) continue;
+    if (type === "tEXt") return latin1.decode(data.subarray(zero + 1));
+    // iTXt: keyword, 0, compressed?, method, language, 0, translated keyword, 0, UTF-8 text
+    const compressed = data[zero + 1] === 1;
+    const start = data.indexOf(0, data.indexOf(0, zero + 3) + 1) + 1;
+    const text = data.subarray(start);
+    if (!compressed) return new TextDecoder().decode(text);
+    return new Response(new Blob([text]).stream().pipeThrough(new DecompressionStream("deflate"))).text();
+  }
+  return null;
+}
+
+async function loadPng(file) {
+  clearErrors();
+  try {
+    const text = await pngText(await file.arrayBuffer(), "parameters");
+    if (text === null) {
+      setMessage(`${file.name} has no "parameters" text: it was not made by sagrt or AUTOMATIC1111`, "error");
+      return;
+    }
+    const response = await fetch("/v1/page/parameters", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ parameters: text }),
+    });
+    if (!response.ok) throw await apiError(response);
+    const { fields, ignored } = await response.json();
+    fillForm(fields);
+    setMessage(`Settings of ${file.name} loaded` + (ignored.length ? ` (not used here: ${ignored.join(", ")})` : "."), "ok");
+  } catch (err) {
+    if (err instanceof ApiError) showError(err);
+    else setMessage(`${file.name}: ${err.message || err}`, "error");
+  }
+}
+
+function fillForm(fields) {
+  for (const [key, value] of Object.entries(fields)) {
+    if (key === "sag_window") {
+      [$("sag_window_start").value, $("sag_window_end").value] = value;
+      continue;
+    }
+    const input = $(key);
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = Boolean(value);
+    else if (key === "scheduler") {
+      if ([...input.options].some((option) => option.value === value)) input.value = value;
+    } else input.value = value ?? "";
+  }
+  $("sag_scale_range").value = $("sag_scale").value;
+  saveForm();
+}
+
 // ---- wiring -------------------------------------------------------------------------------------------
 function wire() {
   $("controls").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
@@ -455,6 +519,18 @@ function wire() {
     const slot = document.querySelector(`.error[data-for="${field}"]`);
     if (slot) slot.textContent = "";
     event.target.removeAttribute("aria-invalid");
+  });
+  $("load-png").addEventListener("change", () => {
+    if ($("load-png").files[0]) loadPng($("load-png").files[0]);
+    $("load-png").value = "";
+  });
+  document.addEventListener("dragover", (event) => { event.preventDefault(); document.body.classList.add("dropping"); });
+  document.addEventListener("dragleave", () => document.body.classList.remove("dropping"));
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    document.body.classList.remove("dropping");
+    const file = [...event.dataTransfer.files].find((f) => f.type === "image/png" || f.name.endsWith(".png"));
+    if (file) loadPng(file);
   });
   $("show-mask").addEventListener("change", drawMasks);
   $("mask-step").addEventListener("input", () => { $("mask-step").dataset.touched = "yes"; drawMasks(); });
