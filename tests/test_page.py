@@ -189,6 +189,7 @@ def test_bad_size_shows_the_services_message(tab, server, shots):
                           timeout=10).json()["detail"][0]["msg"]
     assert error.text_content() == expected and "multiple of 8" in expected
     assert page.get_attribute("#width", "aria-invalid") == "true"
+    assert page.text_content("#run-message") == "The service refused width: see the field."
     assert page.locator(".run").count() == 0
     shots(page, "06-bad-size")
     page.fill("#width", "64")  # editing the field clears the complaint

@@ -157,12 +157,17 @@ function showFieldError(field, message) {
 function showError(err) {
   if (err instanceof ApiError) {
     const fields = Object.entries(err.fields);
-    for (const [field, message] of fields.reverse()) showFieldError(field, message);  // focus ends on the first
+    for (const [field, message] of [...fields].reverse()) showFieldError(field, message);  // focus ends on the first
     if (err.message) setMessage(err.message, "error");
-    else if (fields.length) setMessage(`The service refused ${fields.length > 1 ? "some fields" : "a field"}: see above.`, "error");
+    else if (fields.length) setMessage(`The service refused ${fields.map(([field]) => fieldLabel(field)).join(", ")}: see the field.`, "error");
   } else {
     setMessage(`Could not reach the service: ${err.message || err}`, "error");
   }
+}
+
+function fieldLabel(field) {
+  const label = document.querySelector(`label[for="${field === "sag_window" ? "sag_window_start" : field}"]`);
+  return label ? label.firstChild.textContent.trim().toLowerCase() : field;
 }
 
 function setMessage(text, kind) {
