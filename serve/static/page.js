@@ -236,8 +236,9 @@ function showProgress(tracks) {
 async function run(bodies, kind) {
   // Sends every body as its own streamed job, at once (the service batches what can share a call).
   clearErrors();
-  const tracks = bodies.map((body) => ({ id: null, state: "queued", position: 0, step: 0, steps: body.num_inference_steps || 20,
-    masks: [] }));
+  const tracks = bodies.map((body) => ({
+    id: null, state: "queued", position: 0, step: 0, steps: body.num_inference_steps || 20, masks: [],
+  }));
   page.jobs = tracks;
   page.aborts = bodies.map(() => new AbortController());
   setBusy(true);
@@ -271,7 +272,8 @@ async function run(bodies, kind) {
   } else {
     $("progress-label").textContent = `done in ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }
-  const made = outcomes.map((o, i) => (o.status === "fulfilled" ? [bodies[i], { ...o.value, masks: tracks[i].masks }] : null))
+  const made = outcomes
+    .map((o, i) => (o.status === "fulfilled" ? [bodies[i], { ...o.value, masks: tracks[i].masks, steps: tracks[i].steps }] : null))
     .filter(Boolean);
   if (made.length) addRun(kind, made.map(([body]) => body), made.map(([, result]) => result));  // also when others failed
 }
@@ -325,7 +327,7 @@ function addRun(kind, bodies, results) {
   const meta = document.createElement("p");
   meta.className = "meta";
   const scheduler = body.scheduler || (page.status && page.status.default_scheduler) || "default";
-  meta.textContent = [`${first.width}x${first.height}`, `${body.num_inference_steps} steps`, scheduler + (body.karras_sigmas ? " karras" : ""),
+  meta.textContent = [`${first.width}x${first.height}`, `${first.steps} steps`, scheduler + (body.karras_sigmas ? " karras" : ""),
     `CFG ${body.guidance_scale}`, kind === "compare" ? `seed ${first.seeds[0]}, SAG ${bodies.map((b) => b.sag_scale).join(" vs ")}`
       : `SAG ${body.sag_scale}`, `queue ${Math.round(first.queue_ms)} ms, run ${Math.round(first.run_ms)} ms`].join(" · ");
   const grid = document.createElement("div");
@@ -335,7 +337,7 @@ function addRun(kind, bodies, results) {
   $("runs").prepend(article);
   while ($("runs").children.length > MAX_RUNS) $("runs").lastElementChild.remove();
   page.lastSeed = first.seeds[0];
-  const steps = Math.max(...bodies.map((b) => b.num_inference_steps || 1));
+  const steps = Math.max(...results.map((result) => result.steps));
   const slider = $("mask-step");
   slider.disabled = false;
   slider.max = steps;
@@ -365,6 +367,7 @@ function card(result, index, body, kind) {
   // masks[step] = this image's mask PNG at that step (only steps where SAG ran)
   figure.masks = result.masks.map((perImage) => perImage && perImage[index]);
   figure.sagScale = body.sag_scale;
+  figure.steps = result.steps;
 
   const caption = document.createElement("figcaption");
   const label = document.createElement("span");
@@ -402,7 +405,8 @@ function drawMasks() {
     const note = figure.querySelector(".mask-note");
     const mask = figure.masks && figure.masks[step];
     overlay.hidden = !show || !mask;
-    note.textContent = !show ? "" : mask ? `mask of step ${step}` : figure.sagScale > 0 ? `no SAG at step ${step}` : "no mask: SAG off";
+    note.textContent = !show ? "" : mask ? `mask of step ${step}` : !(figure.sagScale > 0) ? "no mask: SAG off"
+      : step > figure.steps ? `made in ${figure.steps} steps` : `no SAG at step ${step}`;
     if (show && mask) paintMask(overlay, mask);
   }
 }
