@@ -252,6 +252,28 @@ def test_phone_width_and_keyboard_alone(browser, server, shots):
         tab.close()
 
 
+def test_settings_from_an_a1111_png_with_compressed_utf8_text(tab, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()  # A1111 writes iTXt when the prompt is not latin-1; zip=True: the compressed form
+    info.add_itxt("parameters", "café au lait ☕\nNegative prompt: tea\nSteps: 25, Sampler: DPM++ 2M Karras, "
+                                "CFG scale: 5, Seed: 77, Size: 48x80, Model hash: 1234abcd", zip=True)
+    made = tmp_path / "a1111.png"
+    Image.new("RGB", (48, 80)).save(made, pnginfo=info)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    page = tab.page
+    page.set_input_files("#load-png", str(made))
+    page.wait_for_selector("#run-message[data-kind='ok']", timeout=5_000)
+    assert [page.input_value(f"#{field}") for field in ("prompt", "negative_prompt", "num_inference_steps",
+                                                       "scheduler", "guidance_scale", "seed", "width", "height")] \
+        == ["café au lait ☕", "tea", "25", "dpm++2m", "5", "77", "48", "80"]
+    assert page.is_checked("#karras_sigmas")
+    page.set_input_files("#load-png", str(tmp_path / "plain.png"))
+    page.wait_for_selector("#run-message[data-kind='error']", timeout=5_000)
+    assert page.text_content("#run-message") == 'plain.png has no "parameters" text: it was not made by sagrt or ' \
+                                                "AUTOMATIC1111"
+
+
 def test_parameters_text_back_to_fields():
     """A1111's infotext (quoted values, multi-line prompts, Schedule type) -> /v1/generate's fields."""
     text = ('a cat, "quoted"\non a sofa\nNegative prompt: blurry,\nugly\n'
