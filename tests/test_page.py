@@ -246,6 +246,9 @@ def test_phone_width_and_keyboard_alone(browser, server, shots):
         assert page.locator(".run").count() == 0
         page.keyboard.press("Enter")
         page.wait_for_selector(".run img", timeout=30_000)
+        # one column: the page brings the new images into view
+        page.wait_for_function("(box => box.top >= 0 && box.bottom <= innerHeight)"
+                               "(document.querySelector('.run img').getBoundingClientRect())")
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         shots(page, "09-phone", full_page=True)
     finally:

@@ -233,6 +233,21 @@ function showProgress(tracks) {
   $("progress-label").textContent = label;
 }
 
+async function watchQueue(tracks) {
+  // A queued job's place moves as the jobs ahead of it finish: GET /v1/jobs/{id} says where it is now.
+  for (const track of tracks.filter((t) => t.state === "queued" && t.id)) {
+    try {
+      const response = await fetch(`/v1/jobs/${encodeURIComponent(track.id)}`, { cache: "no-store" });
+      if (!response.ok) continue;
+      const job = await response.json();
+      if (track.state === "queued" && job.position !== null) track.position = job.position;
+    } catch (err) {
+      continue;  // the stream reports a service that went away
+    }
+  }
+  if (tracks.length && page.jobs === tracks) showProgress(tracks);
+}
+
 async function run(bodies, kind) {
   // Sends every body as its own streamed job, at once (the service batches what can share a call).
   clearErrors();
@@ -244,6 +259,7 @@ async function run(bodies, kind) {
   setBusy(true);
   showProgress(tracks);
   const started = performance.now();
+  const watch = setInterval(() => watchQueue(tracks), 1000);
   const outcomes = await Promise.allSettled(bodies.map((body, i) => streamJob(body, (event, data) => {
     const track = tracks[i];
     if (event === "queued") Object.assign(track, { id: data.id, position: data.position });
@@ -254,6 +270,7 @@ async function run(bodies, kind) {
     }
     showProgress(tracks);
   }, page.aborts[i].signal)));
+  clearInterval(watch);
   const cancelled = page.cancelled;
   page.jobs = [];
   page.aborts = [];
@@ -267,8 +284,8 @@ async function run(bodies, kind) {
     $("progress-label").textContent = "cancelled";
   } else if (failed.length) {
     showError(failed[0]);
-    const made = bodies.length - failed.length;
-    $("progress-label").textContent = made ? `${made} of ${bodies.length} done` : "failed";
+    const count = bodies.length - failed.length;
+    $("progress-label").textContent = count ? `${count} of ${bodies.length} done` : "failed";
   } else {
     $("progress-label").textContent = `done in ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }
