@@ -250,6 +250,9 @@ def test_phone_width_and_keyboard_alone(browser, server, shots):
         page.wait_for_function("(box => box.top >= 0 && box.bottom <= innerHeight)"
                                "(document.querySelector('.run img').getBoundingClientRect())")
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        seed = page.text_content(".run .label").removeprefix("seed ")
+        page.click("#last-seed")  # the last image's seed, ready to vary the prompt
+        assert page.input_value("#seed") == seed
         shots(page, "09-phone", full_page=True)
     finally:
         tab.close()

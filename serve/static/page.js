@@ -159,7 +159,10 @@ function showError(err) {
     const fields = Object.entries(err.fields);
     for (const [field, message] of [...fields].reverse()) showFieldError(field, message);  // focus ends on the first
     if (err.message) setMessage(err.message, "error");
-    else if (fields.length) setMessage(`The service refused ${fields.map(([field]) => fieldLabel(field)).join(", ")}: see the field.`, "error");
+    else if (fields.length) {
+      const names = fields.map(([field]) => fieldLabel(field)).join(", ");
+      setMessage(`The service refused ${names}: see the field.`, "error");
+    }
   } else {
     setMessage(`Could not reach the service: ${err.message || err}`, "error");
   }
@@ -289,10 +292,13 @@ async function run(bodies, kind) {
   } else {
     $("progress-label").textContent = `done in ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }
-  const made = outcomes
-    .map((o, i) => (o.status === "fulfilled" ? [bodies[i], { ...o.value, masks: tracks[i].masks, steps: tracks[i].steps }] : null))
-    .filter(Boolean);
-  if (made.length) addRun(kind, made.map(([body]) => body), made.map(([, result]) => result));  // also when others failed
+  // what finished is shown, also when other jobs of the run failed
+  const made = outcomes.map((outcome, i) => ({ outcome, body: bodies[i], track: tracks[i] }))
+    .filter(({ outcome }) => outcome.status === "fulfilled");
+  if (made.length) {
+    addRun(kind, made.map(({ body }) => body),
+      made.map(({ outcome, track }) => ({ ...outcome.value, masks: track.masks, steps: track.steps })));
+  }
 }
 
 function generate() {
@@ -344,9 +350,11 @@ function addRun(kind, bodies, results) {
   const meta = document.createElement("p");
   meta.className = "meta";
   const scheduler = body.scheduler || (page.status && page.status.default_scheduler) || "default";
-  meta.textContent = [`${first.width}x${first.height}`, `${first.steps} steps`, scheduler + (body.karras_sigmas ? " karras" : ""),
-    `CFG ${body.guidance_scale}`, kind === "compare" ? `seed ${first.seeds[0]}, SAG ${bodies.map((b) => b.sag_scale).join(" vs ")}`
-      : `SAG ${body.sag_scale}`, `queue ${Math.round(first.queue_ms)} ms, run ${Math.round(first.run_ms)} ms`].join(" · ");
+  const sag = kind === "compare" ? `seed ${first.seeds[0]}, SAG ${bodies.map((b) => b.sag_scale).join(" vs ")}`
+    : `SAG ${body.sag_scale}`;
+  meta.textContent = [`${first.width}x${first.height}`, `${first.steps} steps`,
+    scheduler + (body.karras_sigmas ? " karras" : ""), `CFG ${body.guidance_scale}`, sag,
+    `queue ${Math.round(first.queue_ms)} ms, run ${Math.round(first.run_ms)} ms`].join(" · ");
   const grid = document.createElement("div");
   grid.className = "images";
   results.forEach((result, r) => result.images.forEach((b64, i) => grid.append(card(result, i, bodies[r], kind))));
@@ -354,6 +362,7 @@ function addRun(kind, bodies, results) {
   $("runs").prepend(article);
   while ($("runs").children.length > MAX_RUNS) $("runs").lastElementChild.remove();
   page.lastSeed = first.seeds[0];
+  $("last-seed").disabled = false;
   const steps = Math.max(...results.map((result) => result.steps));
   const slider = $("mask-step");
   slider.disabled = false;
@@ -492,7 +501,8 @@ async function loadPng(file) {
     if (!response.ok) throw await apiError(response);
     const { fields, ignored } = await response.json();
     fillForm(fields);
-    setMessage(`Settings of ${file.name} loaded` + (ignored.length ? ` (not used here: ${ignored.join(", ")})` : "."), "ok");
+    const unused = ignored.length ? ` (not used here: ${ignored.join(", ")})` : ".";
+    setMessage(`Settings of ${file.name} loaded${unused}`, "ok");
   } catch (err) {
     if (err instanceof ApiError) showError(err);
     else setMessage(`${file.name}: ${err.message || err}`, "error");
@@ -531,8 +541,15 @@ function wire() {
   document.addEventListener("keydown", (event) => { if (event.key === "Escape" && page.busy) cancel(); });
   $("compare").addEventListener("click", compare);
   $("cancel").addEventListener("click", cancel);
-  $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 32); saveForm(); });
-  $("last-seed").addEventListener("click", () => { if (page.lastSeed !== null) { $("seed").value = page.lastSeed; saveForm(); } });
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = Math.floor(Math.random() * 2 ** 32);
+    saveForm();
+  });
+  $("last-seed").addEventListener("click", () => {
+    if (page.lastSeed === null) return;
+    $("seed").value = page.lastSeed;
+    saveForm();
+  });
   $("swap").addEventListener("click", () => {
     [$("width").value, $("height").value] = [$("height").value, $("width").value];
     saveForm();
@@ -550,7 +567,10 @@ function wire() {
     if ($("load-png").files[0]) loadPng($("load-png").files[0]);
     $("load-png").value = "";
   });
-  document.addEventListener("dragover", (event) => { event.preventDefault(); document.body.classList.add("dropping"); });
+  document.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    document.body.classList.add("dropping");
+  });
   document.addEventListener("dragleave", () => document.body.classList.remove("dropping"));
   document.addEventListener("drop", (event) => {
     event.preventDefault();
