@@ -39,6 +39,7 @@ def shots(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("page-screenshots")
 
     def take(page, name, full_page=False):
+        page.evaluate("window.scrollTo(0, 0)")  # the header (service state) in every picture
         page.screenshot(path=str(folder / f"{name}.png"), full_page=full_page)
 
     yield take
