@@ -8,13 +8,13 @@ import os
 import shutil
 import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 from test_serve import Server  # noqa: E402  (one home for the server fixture's process)
 
 from sagrt.serve.page import parse_infotext  # noqa: E402

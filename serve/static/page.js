@@ -202,7 +202,8 @@ async function streamJob(body, onEvent, signal) {
         if (line.startsWith("event: ")) event = line.slice(7);
         else if (line.startsWith("data: ")) data += line.slice(6);
       }
-      const payload = data ? JSON.parse(data) : {};
+      if (!data) continue;  // a comment (": keep-alive") or an empty block
+      const payload = JSON.parse(data);
       if (event === "result") return payload;
       if (event === "error") throw new ApiError(payload.status, payload.message);
       onEvent(event, payload);
