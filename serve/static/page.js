@@ -233,6 +233,12 @@ function showProgress(tracks) {
     label = `queued (position ${Math.min(...queued.map((t) => t.position)) + 1})`;
   } else {
     label = `step ${done} / ${steps}`;
+    const now = performance.now();
+    if (!page.firstStep && done > 0) page.firstStep = { time: now, done };
+    const first = page.firstStep;
+    if (first && done > first.done && done < steps) {  // time left at the pace since the first step
+      label += ` · ${(((steps - done) * (now - first.time)) / (done - first.done) / 1000).toFixed(1)} s left`;
+    }
   }
   $("progress-label").textContent = label;
 }
@@ -259,6 +265,7 @@ async function run(bodies, kind) {
     id: null, state: "queued", position: 0, step: 0, steps: body.num_inference_steps || 20, masks: [],
   }));
   page.jobs = tracks;
+  page.firstStep = null;
   page.aborts = bodies.map(() => new AbortController());
   setBusy(true);
   showProgress(tracks);
