@@ -49,6 +49,10 @@ def create_app(config, service: Service | None = None) -> FastAPI:
 
     app.include_router(openai_api.router(service))
     app.include_router(a1111.router(service))
+    # ---- the web page (issue 13: serve/page.py, serve/static/) ----
+    from sagrt.serve.page import add_page
+
+    add_page(app)
     return app
 
 

@@ -141,7 +141,7 @@ def test_pipeline_batch_equals_alone(tiny, scheduler):
     from sagrt.runtime.pipeline import SAGPipeline
     from sagrt.runtime.schedulers import make_scheduler
 
-    pipe = SAGPipeline.from_pretrained("tiny")
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch")
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     seeds, guidance, sag = [3, 4, 5], [3.0, 7.5, 9.0], [0.3, 0.75, 1.0]
@@ -163,7 +163,7 @@ def test_pipeline_batch_equals_alone(tiny, scheduler):
 def test_pipeline_refuses_mixed_guidance(tiny):
     from sagrt.runtime.pipeline import InputError, SAGPipeline
 
-    pipe = SAGPipeline.from_pretrained("tiny")
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch")
     with pytest.raises(InputError, match="guidance_scale values .* on both sides of 1.0"):
         pipe(["a", "b"], num_inference_steps=1, guidance_scale=[1.0, 7.5], output_type="latent")
     with pytest.raises(InputError, match="a list of 2 generators but the call makes 3 images"):

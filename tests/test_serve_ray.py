@@ -34,7 +34,7 @@ def free_port() -> int:
 def pipeline():
     from sagrt.runtime import SAGPipeline
 
-    pipe = SAGPipeline.from_pretrained("tiny")
+    pipe = SAGPipeline.from_pretrained("tiny", backend="torch")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
