@@ -7,7 +7,7 @@ trained shapes classifier (training/shapes_classifier.py) scores them:
   and all three at once;
 - FD: the Frechet distance between the classifier's pooled features of the generated images and of real
   data-set images of the same prompts (lower is closer to the data), as FID does with Inception features;
-  the features are first projected on the 16 principal axes of the real features, so that a few hundred
+  the features are first projected on the 16 principal axes of the real features, so that a few dozen
   images estimate the covariances. The FD of a second draw of real images gives the floor.
 
 Run from the checkout root: python -m training.evaluate_sag   (writes benchmarks/RESULTS-shapes.md and

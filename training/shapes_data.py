@@ -45,7 +45,7 @@ def signed_distance(kind: torch.Tensor, x: torch.Tensor, y: torch.Tensor, r: tor
     circle = torch.sqrt(x * x + y * y) - r
     square = torch.maximum(ax, ay) - 0.85 * r
     t = 1.2 * r  # equilateral triangle pointing up, circumradius t, centred on its centroid
-    triangle = torch.maximum(ay * 0 + y - 0.5 * t, math.sqrt(3) / 2 * ax - 0.5 * y - 0.5 * t)
+    triangle = torch.maximum(y - 0.5 * t, math.sqrt(3) / 2 * ax - 0.5 * y - 0.5 * t)
     arm = 0.35 * r
     cross = torch.minimum(torch.maximum(ax - r, ay - arm), torch.maximum(ay - r, ax - arm))
     stacked = torch.stack([circle, square, triangle, cross], dim=1)  # (B, 4, H, W)
