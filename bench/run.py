@@ -15,7 +15,7 @@ from sagrt.bench.config import BASELINE, BenchConfig
 from sagrt.bench.machine import environment
 from sagrt.bench.measure import run_order
 from sagrt.bench.worker import TURN_PAUSE_S, Worker
-from sagrt.runtime.metrics import psnr_db, relative_error
+from sagrt.metrics import psnr_db, relative_error
 
 
 def compare_with_baseline(measured: dict[str, dict], size: tuple[int, int], batch: int) -> list[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sagrt.runtime.metrics import relative_error
+from sagrt.metrics import relative_error
 
 
 def time_call(fn) -> float:

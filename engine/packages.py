@@ -49,9 +49,9 @@ def cuda_major_mismatch(tensorrt_major: int | None, torch_cuda: str | None) -> s
     torch_major = int(torch_cuda.split(".")[0])
     if torch_major == tensorrt_major:
         return None
-    return (f"TensorRT is built for CUDA {tensorrt_major} but torch for CUDA {torch_cuda}: install the TensorRT of "
-            f"torch's CUDA: pip uninstall -y tensorrt-cu{tensorrt_major} && pip install "
-            f"'{TENSORRT_REQUIREMENT.format(major=torch_major)}'")
+    return (f"TensorRT is built for CUDA {tensorrt_major} while torch is built for CUDA {torch_cuda} (install the "
+            f"TensorRT of torch's CUDA: pip uninstall -y tensorrt-cu{tensorrt_major} && pip install "
+            f"'{TENSORRT_REQUIREMENT.format(major=torch_major)}')")
 
 
 def onnxruntime_missing() -> str | None:

@@ -266,18 +266,31 @@ def configure(trt, build_config, config: BuildConfig) -> None:
         build_config.set_preview_feature(resize, True)
 
 
-def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profiles: list[dict], config: BuildConfig,
-                 timing_cache: Path, progress: bool, own_timing_cache: bool = True) -> str:
-    """Parses one ONNX file into a strongly typed network, writes its engine atomically; returns its sha256."""
-    network_name = onnx_path.stem
+def parse_onnx(trt, logger, onnx_path: Path):
+    """(builder, network, parser): `onnx_path` parsed into a strongly typed network (the parser must outlive the
+    network's use, as it owns the weights it imported)."""
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so external data files are found
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors[0] if errors else 'unknown error'}")
-    check_output_dtypes(network_name, {network.get_output(i).name: network.get_output(i).dtype.name
-                                       for i in range(network.num_outputs)})
+    return builder, network, parser
+
+
+def network_io(network) -> dict[str, dict[str, str]]:
+    """{"inputs": {name: TensorRT dtype name}, "outputs": {...}} of a parsed network."""
+    return {"inputs": {network.get_input(i).name: network.get_input(i).dtype.name for i in range(network.num_inputs)},
+            "outputs": {network.get_output(i).name: network.get_output(i).dtype.name
+                        for i in range(network.num_outputs)}}
+
+
+def build_engine(trt, logger, onnx_path: Path, engine_path: Path, profiles: list[dict], config: BuildConfig,
+                 timing_cache: Path, progress: bool, own_timing_cache: bool = True) -> str:
+    """Parses one ONNX file into a strongly typed network, writes its engine atomically; returns its sha256."""
+    network_name = onnx_path.stem
+    builder, network, parser = parse_onnx(trt, logger, onnx_path)
+    check_output_dtypes(network_name, network_io(network)["outputs"])
 
     build_config = builder.create_builder_config()
     configure(trt, build_config, config)

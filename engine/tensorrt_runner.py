@@ -94,7 +94,7 @@ class DeviceMemory:
 
     def reserve(self, size: int) -> None:
         """At least `size` bytes from now on; a larger buffer replaces the old one once the stream is done with it."""
-        if size <= self.size:
+        if self.tensor is not None and size <= self.size:
             return
         self.release()  # waits for the stream: TensorRT may still run in the old buffer
         self.tensor = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
@@ -322,6 +322,9 @@ class TensorRTRunners(Runners):
         with torch.cuda.device(self.device):
             for network in NETWORKS:
                 entry = manifest["engines"][network]
+                if "profiles" not in entry:  # one profile per engine, from a sagrt before the UNet's B/2B pair
+                    raise EngineError(f"the engines in {self.engine_dir} were built by an older sagrt: rebuild them "
+                                      f"with: {rebuild_command(manifest, self.engine_dir)}")
                 engine = Engine(network, member(self.engine_dir, entry["file"]), entry["profiles"],
                                 lambda shapes, n=network: shape_rebuild_command(manifest, self.engine_dir, n, shapes),
                                 cuda_graph=cuda_graph, max_shapes=max_shapes)

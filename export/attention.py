@@ -38,10 +38,14 @@ class ScoreProcessor:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, T, d)
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, T, T)
+        if query.dtype == torch.float32:
+            probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, T, T)
+        else:  # fp16/bf16: softmax in float32, or the rounded probabilities move scores across SAG's threshold
+            mask = None if attention_mask is None else attention_mask.float()
+            probs = attn.get_attention_scores(query.float(), key.float(), mask)
         # mean over heads, sum over queries: attention received by each key position
         self.score = probs.float().reshape(batch, attn.heads, tokens, tokens).mean(1).sum(1)  # (B, T)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
         return attn.to_out[1](attn.to_out[0](out))
 
 

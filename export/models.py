@@ -1,8 +1,10 @@
 """What a "model" is to sagrt: built-in presets made in code, or a local diffusers folder.
 
-Presets have seeded random weights (the same on every machine with the same torch) and
+Presets built in code have seeded random weights (the same on every machine with the same torch) and
 nothing is downloaded: `tiny` for tests, `small` (SD 1.5 topology at reduced width) for CPU
-measurements, `sd15` (the full SD 1.5 architecture) for GPU measurements.
+measurements, `sd15` (the full SD 1.5 architecture) for GPU measurements. `shapes` is trained
+(training/train_shapes.py) and ships in the package as a diffusers folder under export/presets/: it
+draws coloured shapes on coloured backgrounds ("a red circle on a blue background") at 64x64.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sagrt.errors import SagrtError
 from sagrt.export import artifacts
 
 ASSETS = Path(__file__).parent / "assets"
+PRESET_FOLDERS = Path(__file__).parent / "presets"
 REQUIRED_FOLDERS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 SD_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -32,10 +35,11 @@ class ModelError(SagrtError):
 
 @dataclass
 class Preset:
-    unet: dict[str, Any]
-    text_encoder: dict[str, Any]
-    vae: dict[str, Any]
+    unet: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    folder: str | None = None  # a trained preset: its diffusers folder's name under export/presets/
 
 
 _TINY_VOCAB = 591  # len(export/assets/vocab.json)
@@ -90,6 +94,7 @@ PRESETS: dict[str, Preset] = {
             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
         ),
     ),
+    "shapes": Preset(folder="shapes"),
 }
 
 
@@ -130,11 +135,16 @@ def builtin_tokenizer():
 
 
 def build_preset(name: str) -> Components:
-    """Builds a preset's modules from its configs with weights drawn from the preset's seed."""
+    """Builds a preset's modules from its configs with weights drawn from the preset's seed, or loads a
+    trained preset's folder from the package."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     preset = PRESETS[name]
+    if preset.folder:
+        components = load_folder(preset_folder(name), safety_checker=False)
+        components.source, components.fingerprint = name, preset_fingerprint(name)
+        return components
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
         unet = UNet2DConditionModel(**preset.unet)
@@ -147,11 +157,23 @@ def build_preset(name: str) -> Components:
 
 
 def preset_fingerprint(name: str) -> str:
-    """Hash of a preset's configs, seed and torch version (its weights follow from them), without building it."""
+    """Hash of a preset's configs, seed and torch version (its weights follow from them), without building it;
+    for a trained preset, the hash of its folder."""
     preset = PRESETS[name]
+    if preset.folder:
+        return "preset-" + folder_fingerprint(preset_folder(name)).removeprefix("folder-")
     payload = json.dumps([name, preset.unet, preset.text_encoder, preset.vae, preset.seed, torch.__version__],
                          sort_keys=True, default=str)
     return "preset-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def preset_folder(name: str) -> Path:
+    """The diffusers folder of a trained preset, inside the package."""
+    path = PRESET_FOLDERS / str(PRESETS[name].folder)
+    if not (path / "unet").is_dir():
+        raise ModelError(f"preset {name!r} has no weights at {path}: reinstall sagrt with its package data, "
+                         f"or train them (python -m training.train_shapes)")
+    return path
 
 
 def folder_fingerprint(path: Path) -> str:
@@ -257,7 +279,7 @@ def model_fingerprint(model: str | Path) -> str:
 
 
 def load_model(model: str | Path, safety_checker: bool = True) -> Components:
-    """`model` is a preset name (tiny, small, sd15) or a local diffusers folder."""
+    """`model` is a preset name (tiny, small, sd15, shapes) or a local diffusers folder."""
     if str(model) in PRESETS:
         return build_preset(str(model))
     path = Path(model)

@@ -68,9 +68,41 @@ def split_geglu(unet):
             del module.forward
 
 
+def _float32(tensor):
+    return None if tensor is None else tensor.float()
+
+
+def _group_norm_fp32(self, x):
+    return F.group_norm(x.float(), self.num_groups, _float32(self.weight), _float32(self.bias), self.eps).to(x.dtype)
+
+
+def _layer_norm_fp32(self, x):
+    return F.layer_norm(x.float(), self.normalized_shape, _float32(self.weight), _float32(self.bias),
+                        self.eps).to(x.dtype)
+
+
+@contextlib.contextmanager
+def fp32_norms(module):
+    """Inside the block, every GroupNorm and LayerNorm of `module` whose weights are not float32 normalises in
+    float32 (input cast up, output cast back), as NVIDIA's SD demo gets from TensorRT's weak typing; restored
+    after, also after an exception. In the graph: Cast, InstanceNormalization / LayerNormalization on float32,
+    Cast. A float32 LayerNormalization also leaves TensorRT's ONNX parser, which sets the node's compute
+    precision from stash_type (float32), nothing to override in a strongly typed network."""
+    norms = {torch.nn.GroupNorm: _group_norm_fp32, torch.nn.LayerNorm: _layer_norm_fp32}
+    patched = [m for m in module.modules() if type(m) in norms
+               and any(p.dtype != torch.float32 for p in m.parameters(recurse=False))]
+    for m in patched:
+        m.forward = types.MethodType(norms[type(m)], m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 class UNetWithScore(torch.nn.Module):
     """(sample, timestep [1] float32, encoder_hidden_states) -> (noise_pred, attn_score [B, HM, WM] float32).
-    `fused`: the attention layers other than the SAG layer run FusedAttention (the ONNX Runtime graph)."""
+    Normalisations and the SAG layer's softmax and score run in float32 also in an fp16 graph. `fused`: the attention layers other than the SAG layer run FusedAttention (the ONNX Runtime graph)."""
 
     def __init__(self, unet, sag_layer: str, fused: bool = False):
         super().__init__()
@@ -78,7 +110,7 @@ class UNetWithScore(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         with fused_attention(self.unet) if self.fused else contextlib.nullcontext(), split_geglu(self.unet), \
-                capture_sag_score(self.unet, self.sag_layer) as capture:
+                fp32_norms(self.unet), capture_sag_score(self.unet, self.sag_layer) as capture:
             noise_pred = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return noise_pred, capture.score_map()
 
@@ -108,7 +140,8 @@ class VaeDecoder(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
+        with fp32_norms(self.vae):
+            return self.vae.decode(latent, return_dict=False)[0]
 
 
 def sample_latent_size(components: Components) -> tuple[int, int]:

@@ -129,3 +129,40 @@ def tensorrt_findings(model) -> list[Finding]:
     for node in _nodes(model.graph):
         findings += check_node(node)
     return findings
+
+
+NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
+
+
+def tensor_types(model) -> dict[str, int]:
+    """ONNX element type of every named tensor of the main graph (after shape inference; weights not needed)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:  # Constant nodes carry their type in the attribute
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def check_normalization_precision(model) -> list[Finding]:
+    """Normalisation nodes whose input is not float32. TensorRT's ONNX parser (10.1) sets a LayerNormalization's
+    compute precision from its stash_type (float32 by default): on float16 input that is an override a strongly
+    typed network may refuse; on float32 input there is nothing to override. sagrt's fp16 exports keep every
+    normalisation in float32, so this list is empty for them."""
+    import onnx
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    types = tensor_types(model)
+    return [Finding(node.name or "(unnamed)", node.op_type,
+                    f"input {node.input[0]!r} is {onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))}, "
+                    f"not FLOAT: export the normalisation in float32")
+            for node in model.graph.node if node.op_type in NORMALIZATIONS
+            and types.get(node.input[0]) != onnx.TensorProto.FLOAT]

@@ -64,6 +64,7 @@ class TensorRTOptions:
     device: str | None = None  # cuda[:N]
     precision: str | None = None  # the engines' (default: theirs, fp16 when built on first use)
     engine_dir: str | Path | None = None  # from `sagrt build`; default: built on first use
+    cuda_graph: bool = True  # one CUDA graph per call shape
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def load_tensorrt(model, options: TensorRTOptions, sag_layer: str, safety_checke
 
     build = BuildConfig(precision=options.precision or "fp16")
     runners = load_runners(model, device=options.device, sag_layer=sag_layer, engine_dir=options.engine_dir,
-                           build=build)
+                           build=build, cuda_graph=options.cuda_graph)
     built = runners.manifest["build_config"]["precision"]
     if options.precision is not None and built != options.precision:
         raise BackendError(f"the engines in {runners.engine_dir} are {built}, not {options.precision}: ask for "

@@ -21,6 +21,7 @@ COMMANDS = {
     "compare": ("sagrt.runtime.commands.compare", "one grid PNG: schedulers x SAG scales, optionally with the SAG mask"),
     "bench": ("sagrt.bench.command", "time sagrt backends against eager diffusers, with parity"),
     "verify": ("sagrt.runtime.commands.verify", "read every file of an export or engine folder against its manifest"),
+    "serve": ("sagrt.serve.command", "HTTP service: native, OpenAI and A1111 endpoints, batching, Ray"),
 }
 
 

@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """eps_u + g (eps_c - eps_u) (Ho & Salimans 2022)."""
+def per_image(scale: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) scales -> (B, 1, 1, 1), broadcasting over (B, C, h, w) latents: one guidance scale per image."""
+    return scale.to(device=device, dtype=dtype).view(-1, 1, 1, 1)
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
+    """eps_u + g (eps_c - eps_u) (Ho & Salimans 2022); g a float or (B, 1, 1, 1) per image."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 

@@ -24,7 +24,7 @@ from sagrt.networks import MID_BLOCK_LAYER, precision_name
 from sagrt.runtime import backends, checks
 from sagrt.runtime import schedulers as sched
 from sagrt.runtime.checks import InputError
-from sagrt.runtime.guidance import classifier_free_guidance, sag_degrade, sag_mask
+from sagrt.runtime.guidance import classifier_free_guidance, per_image, sag_degrade, sag_mask
 from sagrt.runners import ModelInfo, Runners
 from sagrt.runtime.timing import StageClock
 
@@ -37,6 +37,36 @@ class PipelineBusyError(SagrtError):
 
 class NonFiniteError(SagrtError):
     """A network or step produced NaN or Inf values; the image would be black or noise."""
+
+
+def scale_values(name: str, scale) -> list[float]:
+    """A guidance scale as a list of finite floats: one number, or one value per image (a list or 1-D tensor)."""
+    if isinstance(scale, torch.Tensor) and scale.dim() == 1 or isinstance(scale, (list, tuple)):
+        values = [checks.real(name, float(v) if isinstance(v, torch.Tensor) else v) for v in scale]
+        if not values:
+            raise InputError(f"{name} is empty: pass a number or one value per image")
+        return values
+    return [checks.real(name, scale)]
+
+
+def scale_switch(name: str, scale, off_at: float) -> bool:
+    """Whether a guidance term runs: `scale > off_at`, for one value or for every image of a per-image list
+    (a batch cannot run CFG or SAG for some images only: the UNet batch layout depends on it)."""
+    on = [value > off_at for value in scale_values(name, scale)]
+    if any(on) != all(on):
+        raise InputError(f"{name} values {scale_values(name, scale)} are on both sides of {off_at}: in one call it "
+                         f"must be above it for every image or for none")
+    return on[0]
+
+
+def per_image_scale(name: str, scale, batch: int, device, dtype):
+    """A number as a float; a list or 1-D tensor of one value per image as [B, 1, 1, 1] (see guidance.per_image)."""
+    values = scale_values(name, scale)
+    if not isinstance(scale, (list, tuple, torch.Tensor)):
+        return values[0]
+    if len(values) != batch:
+        raise InputError(f"{name} has {len(values)} values: pass a number or one value per image ({batch})")
+    return per_image(torch.tensor(values), device, dtype)
 
 
 @dataclass
@@ -208,8 +238,9 @@ class SAGPipeline:
         checks.integer("num_inference_steps", num_inference_steps, 1, max_steps)
         checks.integer("callback_steps", callback_steps, 1)
         checks.integer("num_images_per_prompt", num_images_per_prompt, 1)
-        for name, value in (("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("eta", eta)):
-            checks.real(name, value)
+        scale_switch("guidance_scale", guidance_scale, 1.0)
+        scale_switch("sag_scale", sag_scale, 0.0)
+        checks.real("eta", eta)
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("pass exactly one of prompt and prompt_embeds")
         checks.string_list("prompt", prompt)
@@ -246,7 +277,8 @@ class SAGPipeline:
         if sag is not None and sag.blur_kernel > kernel_limit:
             raise InputError(f"SAG blur kernel size {sag.blur_kernel} is wider than a {latent[0]}x{latent[1]} "
                              f"latent needs: use at most {kernel_limit}")
-        checks.check_memory(self.info, self.device, images, height, width, float(guidance_scale) > 1.0)
+        checks.check_memory(self.info, self.device, images, height, width,
+                            scale_switch("guidance_scale", guidance_scale, 1.0))
 
     def _step_kwargs(self, generator, eta):
         params = inspect.signature(self.scheduler.step).parameters
@@ -259,7 +291,11 @@ class SAGPipeline:
 
     # ---- the loop -----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        """Runs one generation (arguments as diffusers' StableDiffusionSAGPipeline, plus `sag`: a SAGConfig).
+        """Runs one generation: arguments as diffusers' StableDiffusionSAGPipeline, plus `sag` (a SAGConfig) and:
+        `guidance_scale` and `sag_scale` may give one value per image (a list or 1-D tensor of the batch's length;
+        CFG and SAG must then be on for all images or for none), `generator` may be a list (one per image), and
+        `sag_mask_callback(step, mask [B, 1, h, w])` sees the SAG mask of each step where SAG runs. A `callback`
+        that raises stops the loop after that step.
         One call at a time: a second call while one runs (another thread, or a callback) raises PipelineBusyError,
         as does a call on a scheduler or (non thread-safe) runners that another pipeline is using."""
         shared = [self, self.scheduler] + ([] if self.runners.thread_safe else [self.runners])
@@ -273,7 +309,7 @@ class SAGPipeline:
               sag_scale=0.75, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
               latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
               return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None, clip_skip=None,
-              sag: SAGConfig | None = None):
+              sag: SAGConfig | None = None, sag_mask_callback=None):
         default_side = self.info.sample_size * self.info.vae_scale_factor
         height = default_side if height is None else height
         width = default_side if width is None else width
@@ -283,16 +319,19 @@ class SAGPipeline:
                           generator=generator, latents=latents, output_type=output_type, callback=callback,
                           cross_attention_kwargs=cross_attention_kwargs, clip_skip=clip_skip, sag=sag)
         sag = sag or SAGConfig()
-        guidance_scale, sag_scale, eta = float(guidance_scale), float(sag_scale), float(eta)
+        eta = float(eta)
         start = time.perf_counter()
         clock = StageClock(self.device, self.sync_every_step)  # no host sync per step: one at the end
         clock.mark("start")
-        do_cfg = guidance_scale > 1.0
-        do_sag = sag_scale > 0.0
+        do_cfg = scale_switch("guidance_scale", guidance_scale, 1.0)
+        do_sag = scale_switch("sag_scale", sag_scale, 0.0)
 
         # 1. text embeddings
         prompt_embeds, negative_embeds = self.encode_prompt(prompt, num_images_per_prompt, do_cfg, negative_prompt,
                                                             prompt_embeds, negative_prompt_embeds, clip_skip)
+        batch = prompt_embeds.shape[0]
+        guidance_scale = per_image_scale("guidance_scale", guidance_scale, batch, self.device, self.runners.dtype)
+        sag_scale = per_image_scale("sag_scale", sag_scale, batch, self.device, self.runners.dtype)
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         # the degraded pass sees the unconditional embeddings (eq. 25), or the prompt's without CFG
         degraded_context = negative_embeds if do_cfg else prompt_embeds
@@ -325,7 +364,11 @@ class SAGPipeline:
         step_kwargs = self._step_kwargs(generator, eta)
         if hasattr(scheduler, "noise_sampler_seed") and scheduler.config.get("noise_sampler_seed") is None:
             # DPM-SDE draws its Brownian noise from its own seed, not the generator: tie it to the caller's seed
-            scheduler.noise_sampler_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+            # (a list of seeds gives each image its own Brownian tree; a list of one acts as that one generator)
+            source = generator[0] if isinstance(generator, list) and len(generator) == 1 else generator
+            scheduler.noise_sampler_seed = ([g.initial_seed() for g in source] if isinstance(source, list)
+                                            else source.initial_seed() if isinstance(source, torch.Generator)
+                                            else None)
         num_warmup_steps = len(timesteps) - num_inference_steps * scheduler.order
 
         # 3. denoising with SAG
@@ -345,6 +388,8 @@ class SAGPipeline:
                 if do_sag and sag.active(i, len(timesteps)):
                     x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
                     mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
+                    if sag_mask_callback is not None:
+                        sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
                     x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
                     degraded = sched.renoise(scheduler, x0_degraded, noise, t)
                     eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)

@@ -18,7 +18,7 @@ def test_console_script_help():
 
 def test_generate_defaults_to_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "--steps", "3"]) == 0
+    assert main(["generate", "--model", "tiny", "--steps", "3"]) == 0
     files = sorted((tmp_path / "sagrt-out").glob("*.png"))
     assert [f.name for f in files] == ["sagrt-0-0.png"]
     assert Image.open(files[0]).size == (64, 64)
@@ -28,7 +28,7 @@ def test_generate_defaults_to_tiny(tmp_path, capsys, monkeypatch):
 
 def test_generate_options(tmp_path, capsys):
     out_dir = tmp_path / "imgs"
-    code = main(["generate", "a cat", "--steps", "2", "--guidance-scale", "5", "--sag-scale", "1.0",
+    code = main(["generate", "--model", "tiny", "a cat", "--steps", "2", "--guidance-scale", "5", "--sag-scale", "1.0",
                  "--negative-prompt", "blurry", "--height", "72", "--width", "96", "--scheduler", "dpm++2m",
                  "--seed", "3", "--num-images", "2", "--out", str(out_dir)])
     assert code == 0
@@ -50,7 +50,7 @@ def test_generate_options(tmp_path, capsys):
 ])
 def test_generate_bad_input(tmp_path, capsys, args, message):
     out_dir = tmp_path / "never"
-    assert main(["generate", "--steps", "2", "--out", str(out_dir), *args]) == 2
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--out", str(out_dir), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sagrt generate: error:") and message in err[0]
     assert not out_dir.exists()  # nothing half-written left behind
@@ -58,7 +58,7 @@ def test_generate_bad_input(tmp_path, capsys, args, message):
 
 def test_generate_unknown_backend(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--backend", "nope"])
+        main(["generate", "--model", "tiny", "--backend", "nope"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
@@ -67,11 +67,11 @@ def test_generate_missing_component_and_unwritable_out(tmp_path, capsys):
     folder = tmp_path / "model"
     for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
         (folder / name).mkdir(parents=True)
-    assert main(["generate", "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert main(["generate", "--model", "tiny", "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
     assert "lacks vae/" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["generate", "--out", str(blocker / "sub")]) == 2
+    assert main(["generate", "--model", "tiny", "--out", str(blocker / "sub")]) == 2
     assert "cannot write to" in capsys.readouterr().err
 
 
@@ -82,7 +82,7 @@ def test_ctrl_c_exits_130_in_one_line_and_writes_no_image(tmp_path):
 
     from conftest import CliProcess
 
-    run = CliProcess("generate", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
+    run = CliProcess("generate", "--model", "tiny", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
     run.wait_for("denoise:")  # the loop's progress bar: the model is loaded and steps are starting
     time.sleep(1.0)  # well inside the loop
     run.process.send_signal(signal.SIGINT)

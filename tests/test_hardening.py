@@ -88,7 +88,7 @@ def test_export_refuses_a_folder_sagrt_did_not_make(workspace, capsys, force):
 def test_generate_refuses_a_foreign_export_dir(workspace, capsys):
     folder = foreign_folder(workspace)
     before = tree_state(workspace)
-    assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+    assert main(["generate", "--model", "tiny", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
                  "--out", str(workspace / "images")]) == 2
     assert "sagrt did not write" in one_line_error(capsys, "generate")
     assert tree_state(workspace) == before
@@ -175,7 +175,7 @@ def test_manifest_paths_stay_inside_the_folder(tiny_onnx, tmp_path, capsys, prob
     before = tree_state(outside)
     with pytest.raises(ExportError, match="outside the folder|not a plain relative|without its sha256"):
         verify_export(folder)
-    assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+    assert main(["generate", "--model", "tiny", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
                  "--out", str(tmp_path / "images")]) == 2
     one_line_error(capsys, "generate")
     assert tree_state(outside) == before
@@ -445,20 +445,20 @@ def test_a_unet_making_nan_stops_with_the_network_named(tiny):
 
 # ---- 6. the CLI: every bad input one line, exit status 2 -------------------------------------------
 CLI_PROBES = {
-    "seed past 2**64": (["generate", "--seed", "18446744073709551616"], "seed must be an integer from"),
-    "device bogus": (["generate", "--device", "bogus"], "unknown device 'bogus'"),
-    "device cuda": (["generate", "--device", "cuda"], "CUDA, which is not available"),
+    "seed past 2**64": (["generate", "--model", "tiny", "--seed", "18446744073709551616"], "seed must be an integer from"),
+    "device bogus": (["generate", "--model", "tiny", "--device", "bogus"], "unknown device 'bogus'"),
+    "device cuda": (["generate", "--model", "tiny", "--device", "cuda"], "CUDA, which is not available"),
     "opset 0": (["export", "--opset", "0"], "opset 0 is outside"),
     "opset 99": (["export", "--opset", "99"], "opset 99 is outside"),
-    "guidance inf": (["generate", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-    "guidance nan": (["generate", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    "sag -inf": (["generate", "--sag-scale=-inf"], "--sag-scale must be a finite number"),
-    "blur kernel huge": (["generate", "--sag-blur-kernel", "100001"], "blur kernel size 100001 is wider"),
-    "blur sigma nan": (["generate", "--sag-blur-sigma", "nan"], "blur sigma must be a finite number"),
-    "steps huge": (["generate", "--steps", "1000000000", "--scheduler", "euler"], "must be <= 1000"),
-    "height huge": (["generate", "--height", "100000"], "needs at least"),
-    "height 0": (["generate", "--height", "0"], "height must be a positive multiple of 8"),
-    "unwritable out": (["generate", "--out", "/sys/sagrt-probe"], "cannot write to /sys/sagrt-probe"),
+    "guidance inf": (["generate", "--model", "tiny", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    "guidance nan": (["generate", "--model", "tiny", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    "sag -inf": (["generate", "--model", "tiny", "--sag-scale=-inf"], "--sag-scale must be a finite number"),
+    "blur kernel huge": (["generate", "--model", "tiny", "--sag-blur-kernel", "100001"], "blur kernel size 100001 is wider"),
+    "blur sigma nan": (["generate", "--model", "tiny", "--sag-blur-sigma", "nan"], "blur sigma must be a finite number"),
+    "steps huge": (["generate", "--model", "tiny", "--steps", "1000000000", "--scheduler", "euler"], "must be <= 1000"),
+    "height huge": (["generate", "--model", "tiny", "--height", "100000"], "needs at least"),
+    "height 0": (["generate", "--model", "tiny", "--height", "0"], "height must be a positive multiple of 8"),
+    "unwritable out": (["generate", "--model", "tiny", "--out", "/sys/sagrt-probe"], "cannot write to /sys/sagrt-probe"),
     "export unwritable": (["export", "--out", "/sys/sagrt-probe"], "cannot make export folder"),
 }
 
@@ -526,7 +526,7 @@ def test_damaged_model_folder_is_one_line(tiny_folder, workspace, capsys, damage
     shutil.copytree(tiny_folder, folder)
     damage(folder)
     before = tree_state(workspace)
-    assert main(["generate", "--model", str(folder), "--steps", "1"]) == 2
+    assert main(["generate", "--model", "tiny", "--model", str(folder), "--steps", "1"]) == 2
     assert message in one_line_error(capsys, "generate")
     assert tree_state(workspace) == before
 
@@ -546,7 +546,7 @@ def test_graph_reading_weights_outside_is_one_line_in_the_cli(tiny, tmp_path, ca
                                             "bytes": (folder / "unet_fused.onnx").stat().st_size}
     artifacts.write_manifest(folder, manifest)
     for full in ("full", "fast"):  # once per boot the graphs are read; after that ONNX Runtime's refusal is one line
-        assert main(["generate", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+        assert main(["generate", "--model", "tiny", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
                      "--out", str(tmp_path / "images")]) == 2
         assert "unet_fused.onnx" in one_line_error(capsys, "generate")
         verify_export(folder, full=False)  # records a full verification as done, so the second round is fast
@@ -557,20 +557,20 @@ def test_graph_reading_weights_outside_is_one_line_in_the_cli(tiny, tmp_path, ca
 
 # ---- 9. smaller ones ---------------------------------------------------------------------------------
 def test_summary_counts_steps_not_unet_iterations(workspace, capsys):
-    assert main(["generate", "--steps", "2", "--scheduler", "heun", "--sag-scale", "0"]) == 0
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--scheduler", "heun", "--sag-scale", "0"]) == 0
     assert ", 2 steps (3 UNet iterations), 64x64" in capsys.readouterr().out
 
 
 def test_long_prompt_is_warned_about(workspace, caplog):
-    assert main(["generate", " ".join(["cat"] * 100), "--steps", "1"]) == 0
+    assert main(["generate", "--model", "tiny", " ".join(["cat"] * 100), "--steps", "1"]) == 0
     assert "a prompt is 102 tokens, the text encoder takes 77: this part is ignored: 'cat cat" in caplog.text
 
 
 def test_existing_images_are_never_overwritten(workspace, capsys):
-    assert main(["generate", "--steps", "1"]) == 0
+    assert main(["generate", "--model", "tiny", "--steps", "1"]) == 0
     first = (workspace / "sagrt-out" / "sagrt-0-0.png").read_bytes()
     capsys.readouterr()
-    assert main(["generate", "--steps", "1", "--guidance-scale", "3"]) == 0
+    assert main(["generate", "--model", "tiny", "--steps", "1", "--guidance-scale", "3"]) == 0
     assert "sagrt-0-0-2.png: numbered past existing files" in capsys.readouterr().out
     assert (workspace / "sagrt-out" / "sagrt-0-0.png").read_bytes() == first
     assert (workspace / "sagrt-out" / "sagrt-0-0-2.png").read_bytes() != first

@@ -16,6 +16,7 @@ LAYERS = {
     "engine": {"export", "engine"},
     "runtime": {"export", "engine", "runtime"},
     "bench": {"export", "engine", "runtime", "bench"},
+    "serve": {"export", "engine", "runtime", "serve"},
 }
 CORE_MODULES = {"sagrt"} | {f"sagrt.{path.stem}" for path in (ROOT / "sagrt").glob("*.py")}
 
@@ -49,7 +50,8 @@ def test_layers_import_downward_only(layer, path):
 
 def test_module_paths_are_file_paths():
     for package, folder in (("sagrt.export", "export"), ("sagrt.engine", "engine"), ("sagrt.runtime", "runtime"),
-                            ("sagrt.runtime.commands", "runtime/commands"), ("sagrt.bench", "bench")):
+                            ("sagrt.runtime.commands", "runtime/commands"), ("sagrt.bench", "bench"),
+                            ("sagrt.serve", "serve")):
         assert Path(importlib.import_module(package).__file__).parent == ROOT / folder
 
 

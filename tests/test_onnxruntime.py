@@ -165,7 +165,7 @@ def test_parity_command_prints_each_step_and_passes(tiny_onnx, capsys):
         assert float(row[2]) <= 1e-5 and float(row[4]) <= LOOP_BOUND  # noise_pred, latents
         differ, total = map(int, row[5].split("/"))
         assert total == 2 * 4 * 4 and differ == 0  # 2 images, 4x4 SAG map: no mask position flipped
-    assert out.strip().endswith("0 mask position(s) differ: ok")
+    assert out.strip().endswith("SAG mask agreement 100.0000% (0 position(s) differ): ok")
 
 
 def test_parity_counts_flipped_mask_positions():
@@ -193,7 +193,7 @@ def test_parity_command_refuses_a_bad_backend_list(capsys):
 
 # ---- damaged and foreign exports, providers: one line, exit 2 -----------------------------------
 def generate(folder, tmp_path, *extra):
-    return main(["generate", "a cat", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
+    return main(["generate", "--model", "tiny", "a cat", "--backend", "onnxruntime", "--export-dir", str(folder), "--steps", "1",
                  "--height", "64", "--width", "64", "--out", str(tmp_path / "images"), *extra])
 
 
@@ -299,7 +299,7 @@ def test_unknown_backend_option_is_refused():
 
 
 def test_cli_names_the_flag_a_backend_does_not_take(tmp_path, capsys):
-    assert main(["generate", "--backend", "torch", "--export-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["generate", "--model", "tiny", "--backend", "torch", "--export-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "backend torch takes no option --export-dir" in capsys.readouterr().err
 
 

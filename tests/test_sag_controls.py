@@ -36,7 +36,7 @@ def degraded_calls(tiny, scheduler="ddim", steps=4, **kwargs):
 def test_defaults_are_diffusers_values():
     config = SAGConfig()
     assert (config.threshold, config.blur_sigma, config.blur_kernel, config.window) == (1.0, 1.0, 9, (0.0, 1.0))
-    args = build_parser().parse_args(["generate", "x"])
+    args = build_parser().parse_args(["generate", "--model", "tiny", "x"])
     assert sag_config(args) == config
     assert args.sag_layer == MID_BLOCK_LAYER
 
@@ -85,7 +85,7 @@ def test_api_refuses_bad_window(window):
 ])
 def test_cli_refuses_bad_sag_controls(tmp_path, capsys, option, value, message):
     out = tmp_path / "out"
-    rc = main(["generate", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out),
+    rc = main(["generate", "--model", "tiny", "a cat", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out),
                option, value])
     err = capsys.readouterr().err
     assert rc == 2
@@ -95,7 +95,7 @@ def test_cli_refuses_bad_sag_controls(tmp_path, capsys, option, value, message):
 
 
 def test_cli_up_block_layer_runs(tmp_path, capsys):
-    rc = main(["generate", "a cat", "--steps", "2", "--height", "64", "--width", "96", "--sag-layer", UP_LAYER,
+    rc = main(["generate", "--model", "tiny", "a cat", "--steps", "2", "--height", "64", "--width", "96", "--sag-layer", UP_LAYER,
                "--out", str(tmp_path)])
     assert rc == 0, capsys.readouterr().err
     assert len(list(tmp_path.glob("*.png"))) == 1

@@ -13,15 +13,20 @@ from sagrt.runtime.pipeline import SAGConfig, SAGPipeline
 from sagrt.runtime.schedulers import make_scheduler, scheduler_names
 
 
-def add_model_argument(parser) -> None:
+# the trained preset: the default of the commands that make pictures (generate, compare, serve); the others
+# (export, build, parity, bench) default to tiny, the smallest model
+PICTURE_MODEL = "shapes"
+
+
+def add_model_argument(parser, default: str = "tiny") -> None:
     """--model, the same for every command."""
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, small, sd15) or a local diffusers folder (default: tiny)")
+    parser.add_argument("--model", default=default,
+                        help=f"preset (shapes, tiny, small, sd15) or a local diffusers folder (default: {default})")
 
 
-def add_model_arguments(parser, backend_choice=True):
+def add_model_arguments(parser, backend_choice=True, default_model: str = "tiny"):
     """--model, --backend and the backends' options (each backend refuses the options it does not take)."""
-    add_model_argument(parser)
+    add_model_argument(parser, default_model)
     if backend_choice:
         parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                             metavar="{" + ",".join(BACKEND_NAMES) + "}",
@@ -38,6 +43,8 @@ def add_model_arguments(parser, backend_choice=True):
                         help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
     parser.add_argument("--engine-dir", default=None, metavar="DIR",
                         help="tensorrt: engines from `sagrt build --out DIR` (default: build on first use)")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                        help="tensorrt: run engines without CUDA graphs (default: one graph per call shape)")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
@@ -47,13 +54,13 @@ def add_model_arguments(parser, backend_choice=True):
 
 # CLI flag -> backend option (runtime/backends.py options dataclasses)
 OPTION_FLAGS = {"device": "--device", "precision": "--precision", "providers": "--provider",
-                "export_dir": "--export-dir", "engine_dir": "--engine-dir"}
+                "export_dir": "--export-dir", "engine_dir": "--engine-dir", "cuda_graph": "--no-cuda-graph"}
 
 
 def backend_options(args) -> dict:
     """The backend options given on the command line (not their defaults)."""
     values = {"device": args.device, "precision": args.precision, "providers": args.provider,
-              "export_dir": args.export_dir, "engine_dir": args.engine_dir}
+              "export_dir": args.export_dir, "engine_dir": args.engine_dir, "cuda_graph": args.cuda_graph}
     return {key: value for key, value in values.items() if value is not None}
 
 

@@ -8,8 +8,9 @@ import torch
 
 from sagrt.errors import SagrtError
 from sagrt.runtime.checks import seeded_generator
-from sagrt.runtime.commands.common import (add_denoise_arguments, add_model_arguments, add_sag_arguments,
-                                           open_pipeline, sag_config, save_image_atomic, writable_dir)
+from sagrt.runtime.commands.common import (PICTURE_MODEL, add_denoise_arguments, add_model_arguments,
+                                           add_sag_arguments, open_pipeline, sag_config, save_image_atomic,
+                                           writable_dir)
 from sagrt.runtime.grid import image_grid, overlay_mask
 from sagrt.runtime.guidance import sag_mask
 from sagrt.runners import UNetRecorder
@@ -18,7 +19,7 @@ from sagrt.runtime.schedulers import canonical_name, make_scheduler, scheduler_n
 
 def add_arguments(parser):
     parser.add_argument("prompt")
-    add_model_arguments(parser)
+    add_model_arguments(parser, default_model=PICTURE_MODEL)
     add_denoise_arguments(parser)
     add_sag_arguments(parser)
     parser.add_argument("--sag-scales", default="0,0.5,1.0", metavar="S1,S2,...",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from sagrt.errors import SagrtError
 from sagrt.runtime.checks import integer, real, seeded_generator
-from sagrt.runtime.commands.common import (add_model_arguments, add_sampling_arguments, load_pipeline, sag_config,
-                                           save_image_atomic, writable_dir)
+from sagrt.runtime.commands.common import (PICTURE_MODEL, add_model_arguments, add_sampling_arguments, load_pipeline,
+                                           sag_config, save_image_atomic, writable_dir)
 
 
 def add_arguments(parser):
-    parser.add_argument("prompt", nargs="?", default="a photo of an astronaut riding a horse")
-    add_model_arguments(parser)
+    parser.add_argument("prompt", nargs="?", default="a red circle on a blue background")
+    add_model_arguments(parser, default_model=PICTURE_MODEL)
     add_sampling_arguments(parser)
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
     parser.add_argument("--out", default="sagrt-out", help="output folder for the PNG files (default: sagrt-out)")

@@ -13,7 +13,7 @@ from sagrt.runtime.backends import BACKEND_NAMES, resolve_backend
 from sagrt.runtime.commands.common import (OPTION_FLAGS, add_model_arguments, add_sampling_arguments, backend_options,
                                            load_pipeline, sag_config)
 from sagrt.runtime.checks import seeded_generator
-from sagrt.runtime.metrics import relative_error
+from sagrt.metrics import relative_error
 from sagrt.runners import UNetRecorder
 
 NOISE_BOUND = 1e-4  # per UNet call, docs/design.md numerical contract
@@ -55,6 +55,13 @@ def mask_differences(score_a: torch.Tensor, score_b: torch.Tensor, threshold: fl
         score_a, score_b = score_a.chunk(2)[0], score_b.chunk(2)[0]
     mask_a, mask_b = score_a > threshold, score_b > threshold
     return int((mask_a != mask_b).sum()), mask_a.numel()
+
+
+def mask_agreement(rows: list[dict]) -> float:
+    """Fraction of SAG mask positions, over all steps, on which the two backends agree (an fp16 score near the
+    threshold can fall on the other side of it)."""
+    differ, total = (sum(row["mask_diff"][i] for row in rows) for i in (0, 1))
+    return 1.0 - differ / total if total else 1.0
 
 
 def compare_steps(steps_a: list[Step], steps_b: list[Step], threshold: float, cfg: bool) -> list[dict]:
@@ -127,6 +134,7 @@ def run(args) -> int:
     worst_noise = max(row["noise_pred"] for row in rows)
     final = rows[-1]["latents"]
     flipped = sum(row["mask_diff"][0] for row in rows)
+    agreement = mask_agreement(rows)
     failures = []
     if worst_noise > args.noise_bound:
         failures.append(f"noise_pred error {worst_noise:.2e} > {args.noise_bound:g}")
@@ -134,5 +142,5 @@ def run(args) -> int:
         failures.append(f"final latents error {final:.2e} > {args.latent_bound:g}")
     verdict = "FAIL: " + "; ".join(failures) if failures else "ok"
     print(f"worst noise_pred {worst_noise:.2e} (bound {args.noise_bound:g}), final latents {final:.2e} "
-          f"(bound {args.latent_bound:g}), {flipped} mask position(s) differ: {verdict}")
+          f"(bound {args.latent_bound:g}), SAG mask agreement {agreement:.4%} ({flipped} position(s) differ): {verdict}")
     return 1 if failures else 0
