@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sagrt.export.artifacts import write_bytes_atomic, write_json_atomic
+from sagrt.bench.config import BASELINE_PRECISIONS
 from sagrt.bench import PROMPT, BenchConfig, markdown, parse_sizes, run_bench
 from sagrt.runtime.commands.common import add_model_argument, writable_dir
 from sagrt.runtime.schedulers import canonical_name, scheduler_names
@@ -14,8 +15,11 @@ from sagrt.runtime.schedulers import canonical_name, scheduler_names
 def add_arguments(parser):
     add_model_argument(parser)
     parser.add_argument("--backends", default="onnxruntime", metavar="LIST",
-                        help="comma-separated sagrt backends (torch, onnxruntime, tensorrt, auto) measured against "
-                             "the diffusers baseline (default: onnxruntime)")
+                        help="comma-separated sagrt backends (torch, onnxruntime, tensorrt, openvino, auto), each "
+                             "optionally with a precision it runs (openvino:bf16, onnxruntime:fp16), measured "
+                             "against the diffusers baseline (default: onnxruntime)")
+    parser.add_argument("--baseline-dtype", default="fp32", choices=BASELINE_PRECISIONS,
+                        help="precision of the eager diffusers baseline (default: fp32)")
     parser.add_argument("--size", required=True, metavar="HxW[,HxW...]", help="image sizes in pixels, e.g. 64x64")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     parser.add_argument("--batch", type=int, default=1, help="images per prompt (default: 1)")
@@ -40,7 +44,8 @@ def config_from_args(args) -> BenchConfig:
                        sizes=parse_sizes(args.size), steps=args.steps, batch=args.batch, repeats=args.repeats,
                        warmup=args.warmup, cfg_repeats=args.cfg_repeats, guidance_scale=args.guidance_scale,
                        sag_scale=args.sag_scale,
-                       scheduler=args.scheduler, seed=args.seed, prompt=args.prompt, device=args.device)
+                       scheduler=args.scheduler, seed=args.seed, prompt=args.prompt, device=args.device,
+                       baseline_precision=args.baseline_dtype)
 
 
 def run(args) -> int:

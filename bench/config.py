@@ -6,10 +6,11 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from sagrt.errors import SagrtError
-from sagrt.runtime.backends import BACKEND_NAMES
+from sagrt.runtime.backends import BACKEND_NAMES, REGISTRY
 
 BASELINE = "diffusers"
 PROMPT = "a photo of an astronaut riding a horse"
+BASELINE_PRECISIONS = ("fp32", "bf16")  # diffusers eager in torch float32 or bfloat16
 
 
 class BenchError(SagrtError):
@@ -35,14 +36,16 @@ class BenchConfig:
     seed: int = 0
     prompt: str = PROMPT
     device: str | None = None
+    baseline_precision: str = "fp32"  # diffusers' eager baseline: fp32 or bf16
 
     def __post_init__(self):
         if not self.backends:
             raise BenchError("--backends is empty: name at least one of " + ", ".join(BACKEND_NAMES))
         for backend in self.backends:
-            if backend not in BACKEND_NAMES:
-                raise BenchError(f"unknown backend {backend!r}: choose from {', '.join(BACKEND_NAMES)} "
-                                 f"(the {BASELINE} baseline always runs)")
+            parse_backend_spec(backend)
+        if self.baseline_precision not in BASELINE_PRECISIONS:
+            raise BenchError(f"--baseline-dtype {self.baseline_precision!r} must be one of "
+                             f"{', '.join(BASELINE_PRECISIONS)}")
         if len(set(self.backends)) != len(self.backends):
             raise BenchError(f"--backends names a backend twice: {','.join(self.backends)}")
         for height, width in self.sizes:
@@ -73,6 +76,8 @@ class BenchConfig:
             parts += ["--scheduler", self.scheduler]
         if self.device:
             parts += ["--device", self.device]
+        if self.baseline_precision != "fp32":
+            parts += ["--baseline-dtype", self.baseline_precision]
         if self.prompt != PROMPT:
             parts += ["--prompt", self.prompt]
         return shlex.join(parts)
@@ -82,6 +87,20 @@ class BenchConfig:
         case = asdict(self)
         del case["backends"], case["sizes"]
         return dict(case, backend=backend, height=size[0], width=size[1], cfg_runs=self.cfg_runs)
+
+
+def parse_backend_spec(spec: str) -> tuple[str, str | None]:
+    """'openvino:bf16' -> ('openvino', 'bf16'); 'onnxruntime' -> ('onnxruntime', None): a backend and, after a
+    colon, one of the precisions it runs."""
+    name, _, precision = spec.strip().partition(":")
+    if name not in BACKEND_NAMES:
+        raise BenchError(f"unknown backend {name!r}: choose from {', '.join(BACKEND_NAMES)} (the {BASELINE} "
+                         f"baseline always runs)")
+    if precision and (name == "auto" or precision not in REGISTRY[name].precisions):
+        runs = "a precision only with a named backend" if name == "auto" else \
+            f"in {' or '.join(REGISTRY[name].precisions)}"
+        raise BenchError(f"backend {spec!r}: {name} runs {runs}, e.g. openvino:bf16")
+    return name, precision or None
 
 
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:

@@ -11,10 +11,11 @@ from contextlib import ExitStack
 import torch
 from diffusers import StableDiffusionSAGPipeline
 
-from sagrt.bench.config import BASELINE, BenchError
+from sagrt.bench.config import BASELINE, BenchError, parse_backend_spec
 from sagrt.bench.machine import peak_rss_mb, reset_peak_rss
 from sagrt.bench.timing import CallLog, TimedRunners, module_timing
 from sagrt.export.models import load_model
+from sagrt.networks import PRECISIONS
 from sagrt.runtime.backends import default_device
 from sagrt.runtime.pipeline import SAGPipeline
 from sagrt.runtime.schedulers import make_scheduler, uses_sigmas
@@ -36,7 +37,7 @@ def load_diffusers(case: dict, log: CallLog):
                                           tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     device = default_device(case["device"])
-    pipe.to(device)
+    pipe.to(device, PRECISIONS[case["baseline_precision"]])
     vae = components.vae
     vae_first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
     hooks = [module_timing(log, "text", components.text_encoder, components.text_encoder),
@@ -46,8 +47,9 @@ def load_diffusers(case: dict, log: CallLog):
 
 
 def load_sagrt(case: dict, log: CallLog):
-    pipe = SAGPipeline.from_pretrained(case["model"], backend=case["backend"], scheduler=case["scheduler"],
-                                       device=case["device"], safety_checker=False)
+    name, precision = parse_backend_spec(case["backend"])
+    pipe = SAGPipeline.from_pretrained(case["model"], backend=name, scheduler=case["scheduler"],
+                                       device=case["device"], precision=precision, safety_checker=False)
     pipe.runners = TimedRunners(pipe.runners, log)
     return pipe, pipe.runners.device, []
 

@@ -54,7 +54,7 @@ class Worker:
     """One case measured in a fresh Python process, driven run by run; its progress lines go to our stderr."""
 
     def __init__(self, case: dict, folder: Path):
-        stem = f"{case['backend']}-{case['height']}x{case['width']}" + ("-load" if case.get("load_only") else "")
+        stem = f"{case['backend'].replace(':', '-')}-{case['height']}x{case['width']}" + ("-load" if case.get("load_only") else "")
         self.case, case_path, self.out_path = case, folder / f"{stem}.json", folder / f"{stem}.pt"
         case_path.write_text(json.dumps(case))
         self.process = subprocess.Popen([sys.executable, "-m", "sagrt.bench", str(case_path),

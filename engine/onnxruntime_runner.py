@@ -191,7 +191,7 @@ class OrtRunners(Runners):
 
     def unet(self, sample, timestep, context, cross_attention_kwargs=None):
         if cross_attention_kwargs is not None:
-            raise OrtInputError("cross_attention_kwargs cannot be passed to a compiled UNet (onnxruntime): "
+            raise OrtInputError(f"cross_attention_kwargs cannot be passed to a compiled UNet ({self.name}): "
                                 "drop them or use --backend torch")
         timestep = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         if timestep.numel() != 1 and not bool((timestep == timestep[0]).all()):

@@ -9,6 +9,7 @@ register a `Backend` in REGISTRY.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -65,6 +66,16 @@ class TensorRTOptions:
     precision: str | None = None  # the engines' (default: theirs, fp16 when built on first use)
     engine_dir: str | Path | None = None  # from `sagrt build`; default: built on first use
     cuda_graph: bool = True  # one CUDA graph per call shape
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    device: str | None = None  # cpu only
+    precision: str = "fp32"  # OpenVINO's inference precision: fp32, or bf16 on CPUs with bfloat16
+    export_dir: str | Path | None = None  # the fp32 ONNX export it compiles (default: sagrt's cache)
+    opset: int | None = None
+    threads: int | None = None  # OpenVINO's inference threads (default: its choice)
+    cache: bool = True  # compiled networks kept beside the export
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,23 @@ def load_tensorrt(model, options: TensorRTOptions, sag_layer: str, safety_checke
     return saved_parts(runners.engine_dir, model, safety_checker, runners)
 
 
+def load_openvino(model, options: OpenVINOOptions, sag_layer: str, safety_checker: bool) -> LoadedModel:
+    """OpenVINO runners over the model's fp32 export (made on first use, as for onnxruntime)."""
+    missing = openvino_missing()
+    if missing:
+        raise BackendError(f"backend openvino: {missing}")
+    from sagrt.engine.openvino_runner import OvRunners, require_precision  # imports openvino
+    from sagrt.export.onnx_export import DEFAULT_OPSET, export_model
+
+    if options.device is not None and torch.device(options.device).type != "cpu":
+        raise BackendError(f"backend openvino runs on the CPU, not {options.device}")
+    require_precision(options.precision)  # before any export is written
+    folder = export_model(model, options.export_dir, opset=options.opset or DEFAULT_OPSET, precision="fp32",
+                          sag_layer=sag_layer)
+    runners = OvRunners(folder, options.precision, model=str(model), threads=options.threads, cache=options.cache)
+    return saved_parts(folder, model, safety_checker, runners)
+
+
 def saved_parts(folder, model, safety_checker: bool, runners: Runners) -> LoadedModel:
     """LoadedModel for runners over an export or engine folder: tokenizer and scheduler saved there, the model
     folder's safety checker run in torch."""
@@ -154,6 +182,10 @@ def saved_parts(folder, model, safety_checker: bool, runners: Runners) -> Loaded
 
 
 # ---- what runs here --------------------------------------------------------------------------------
+def openvino_missing() -> str | None:
+    return None if importlib.util.find_spec("openvino") else 'OpenVINO is not installed: pip install "sagrt[openvino]"'
+
+
 def tensorrt_missing() -> str | None:
     from sagrt.engine.tensorrt_build import tensorrt_missing as reasons
 
@@ -165,6 +197,7 @@ REGISTRY = {backend.name: backend for backend in (
     Backend("torch", TorchOptions, ("fp32", "fp16", "bf16"), load_torch, lambda: None),
     Backend("onnxruntime", OnnxRuntimeOptions, ("fp32", "fp16"), load_onnxruntime, onnxruntime_missing),
     Backend("tensorrt", TensorRTOptions, ("fp16", "fp32"), load_tensorrt, tensorrt_missing),
+    Backend("openvino", OpenVINOOptions, ("fp32", "bf16"), load_openvino, openvino_missing),
 )}
 AUTO_ORDER = ("tensorrt", "onnxruntime", "torch")  # fastest first; auto never lowers precision on its own
 BACKEND_NAMES = (*REGISTRY, "auto")

@@ -14,9 +14,9 @@ SCALES = ["0", "1"]
 
 def compare(tmp_path, name, *extra):
     out = tmp_path / name
-    rc = main(["compare", "--model", "tiny", "a photo of a cat", "--schedulers", ",".join(SCHEDULERS), "--sag-scales",
-               ",".join(SCALES), "--steps", "2", "--height", "64", "--width", "96", "--backend", "torch",
-               "--out", str(out), *extra])
+    rc = main(["compare", "--model", "tiny", "a photo of a cat", "--schedulers", ",".join(SCHEDULERS),
+               "--sag-scales", ",".join(SCALES),
+               "--steps", "2", "--height", "64", "--width", "96", "--backend", "torch", "--out", str(out), *extra])
     return rc, out
 
 

@@ -40,7 +40,7 @@ def add_model_arguments(parser, backend_choice=True, default_model: str = "tiny"
                         help="onnxruntime execution providers, comma-separated: tensorrt, cuda, cpu "
                              "(default: the first installed of those)")
     parser.add_argument("--export-dir", default=None, metavar="DIR",
-                        help="onnxruntime: ONNX export folder to use (made there if empty; default: the cache)")
+                        help="onnxruntime, openvino: ONNX export folder to use (made there if empty; default: the cache)")
     parser.add_argument("--engine-dir", default=None, metavar="DIR",
                         help="tensorrt: engines from `sagrt build --out DIR` (default: build on first use)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
