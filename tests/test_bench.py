@@ -283,8 +283,8 @@ def test_a_worker_that_dies_mid_run_ends_the_bench_in_one_line(tmp_path):
     from conftest import CliProcess
 
     out = tmp_path / "bench.json"
-    run = CliProcess("bench", "--backends", "torch", "--size", "64x64", "--steps", "2", "--warmup", "0",
-                     "--repeats", "1000", "--cfg-repeats", "0", "--json", str(out))
+    run = CliProcess("bench", "--model", "tiny", "--backends", "torch", "--size", "64x64", "--steps", "2",
+                     "--warmup", "0", "--repeats", "1000", "--cfg-repeats", "0", "--json", str(out))
     run.wait_for("torch 64x64: SAG run 1/1000")  # both workers loaded, taking turns
     workers = {pid: Path(f"/proc/{pid}/cmdline").read_text() for pid in run.children()}
     assert len(workers) == 2, workers

@@ -82,7 +82,7 @@ def test_ctrl_c_exits_130_in_one_line_and_writes_no_image(tmp_path):
 
     from conftest import CliProcess
 
-    run = CliProcess("generate", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
+    run = CliProcess("generate", "--model", "tiny", "a cat", "--steps", "500", "--out", str(tmp_path / "out"))
     run.wait_for("denoise:")  # the loop's progress bar: the model is loaded and steps are starting
     time.sleep(1.0)  # well inside the loop
     run.process.send_signal(signal.SIGINT)
