@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagrt.runtime import SAGPipeline  # noqa: E402
 from sagrt.metrics import psnr_db, relative_error  # noqa: E402

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagrt.engine.openvino_runner import (keep_float32, new_core, onnx_scope, periodic_inputs,  # noqa: E402
                                           phases_from_input)

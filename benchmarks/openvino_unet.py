@@ -12,12 +12,10 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagrt.engine.openvino_runner import OvRunners, new_core, openvino_version  # noqa: E402
 from sagrt.export.models import build_preset  # noqa: E402

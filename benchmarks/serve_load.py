@@ -29,8 +29,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a source checkout: `sagrt` maps the sibling folders (sagrt/__init__.py)
-    sys.path.insert(0, str(ROOT))
 SIZES = {"tiny": 64, "small": 256, "sd15": 512}
 TARGETS = {"overhead_ms_tiny": 5.0, "p99_over_p50_at_1": 1.3}
 
