@@ -217,16 +217,34 @@ def staging_dir(folder: str | Path, prefix: str):
     kill -9), which is how `remove_stale_staging` tells an abandoned staging folder from a live one."""
     import fcntl
 
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
-    try:  # from the folder's first moment: an interrupt (SIGTERM, Ctrl-C) may come before the lock is taken
-        lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            yield staging
-        finally:
-            os.close(lock)
+    staging = lock = None
+    try:
+        with interrupts_deferred():  # an interrupt between mkdtemp and the assignment would leave the folder
+            staging = Path(tempfile.mkdtemp(dir=folder, prefix=prefix))
+            lock = os.open(staging / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield staging
     finally:
-        _remove_tree(staging)
+        if lock is not None:
+            os.close(lock)
+        if staging is not None:
+            _remove_tree(staging)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT and SIGTERM wait until the block has ended (where the OS can block signals), so that a step and the
+    bookkeeping that undoes it are not torn apart; the handler runs right after the block."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def remove_stale_staging(folder: str | Path, prefix: str, legacy: bool = True) -> list[Path]:

@@ -431,8 +431,8 @@ def export_model(model, out_dir=None, *, opset: int = DEFAULT_OPSET, precision: 
         return folder
 
     created = [p for p in [folder, *folder.parents] if not p.exists()]
-    owned = claim_folder(folder)
     try:
+        owned = claim_folder(folder)
         components = model if isinstance(model, Components) else load_model(model, safety_checker=False)
         resolve_layer(components.unet, sag_layer)
         with artifacts.staging_dir(folder, STAGING) as staging:
