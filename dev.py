@@ -71,7 +71,9 @@ def main(argv: list[str]) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     ensure_env(EXTRAS[command])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # as `source .venv/bin/activate` would: the venv's python and sagrt come first on PATH
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VIRTUAL_ENV": str(VENV),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if command == "run":
         args = rest or ["a red circle on a blue background"]
         return subprocess.run([str(BIN / "sagrt"), "generate", *args], env=env).returncode

@@ -16,7 +16,7 @@ def test_console_script_help():
     assert "generate" in out
 
 
-def test_generate_defaults_to_tiny(tmp_path, capsys, monkeypatch):
+def test_generate_writes_one_png_named_by_seed(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--model", "tiny", "--steps", "3"]) == 0
     files = sorted((tmp_path / "sagrt-out").glob("*.png"))
