@@ -1,5 +1,5 @@
 """bf16 closeness table for benchmarks/RESULTS-openvino.md: image PSNR against the fp32 torch reference of
-openvino bf16 and of diffusers' modules run eagerly in torch bf16 (the DESIGN.md yardstick), with the SAG mask
+openvino bf16 and of diffusers' modules run eagerly in torch bf16 (the docs/design.md yardstick), with the SAG mask
 positions that differ from the reference over the whole loop and the final latents' relative error.
 
     python benchmarks/openvino_bf16.py --model tiny --size 64 --seeds 0,1,2,3

@@ -4,7 +4,7 @@ TensorRT on a GPU (benchmarks/gpu_check.py).
 
 Per network: relative error ||a - b|| / ||b||, NaN/Inf counts of the candidate; for the UNet also the
 fraction of SAG mask positions (score > threshold) that agree; for the VAE the image PSNR, the measure of
-DESIGN.md's fp16 bound (>= 30 dB).
+docs/design.md's fp16 bound (>= 30 dB).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from sagrt.metrics import psnr_db, relative_error
 
-PSNR_BOUND_DB = 30.0  # DESIGN.md: fp16 engines, image PSNR against the reference
+PSNR_BOUND_DB = 30.0  # docs/design.md: fp16 engines, image PSNR against the reference
 
 
 def finite_counts(tensor: torch.Tensor) -> dict[str, int]:

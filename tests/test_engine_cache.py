@@ -28,7 +28,7 @@ from sagrt.export.onnx_export import export_folder, export_key, export_model
 
 PLATFORM = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.8.0.43"}
 FP32 = BuildConfig(precision="fp32")
-CALL_BOUND = 1e-4  # DESIGN.md: an engine call against torch, fp32
+CALL_BOUND = 1e-4  # docs/design.md: an engine call against torch, fp32
 
 
 # ---- the export cache ----------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from sagrt.metrics import psnr_db  # noqa: E402
 from sagrt.runners import ModelInfo  # noqa: E402
 from sagrt.runtime.torch_runners import TorchRunners  # noqa: E402
 
-CALL_BOUND = 1e-5  # per network call, fp32 (DESIGN.md: 1e-4; measured ~1.5e-6)
-LOOP_BOUND = 1e-4  # final latents after the whole loop, fp32 (DESIGN.md: 1e-3; measured ~1.5e-6)
+CALL_BOUND = 1e-5  # per network call, fp32 (docs/design.md: 1e-4; measured ~1.5e-6)
+LOOP_BOUND = 1e-4  # final latents after the whole loop, fp32 (docs/design.md: 1e-3; measured ~1.5e-6)
 HAS_BF16 = "BF16" in new_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bfloat16 support (OpenVINO capabilities)")
 
@@ -62,7 +62,7 @@ def pipeline(backend, export_dir=None, scheduler="ddim", **options):
     return pipe
 
 
-# ---- fp32: DESIGN.md's engine bounds ------------------------------------------------------------
+# ---- fp32: docs/design.md's engine bounds ------------------------------------------------------------
 def test_fp32_network_calls_match_torch(tiny, ov_fp32):
     reference = TorchRunners(tiny)
     gen = torch.Generator().manual_seed(4)
@@ -129,7 +129,7 @@ def test_bf16_keeps_the_sag_signal_in_float32(tiny, ov_bf16):
 
 @needs_bf16
 def test_bf16_images_are_as_close_to_fp32_as_eager_bf16(ov_export, ov_bf16):
-    """DESIGN.md: sagrt bf16 images at least as close to the fp32 reference as diffusers' own eager bf16 run (its
+    """docs/design.md: sagrt bf16 images at least as close to the fp32 reference as diffusers' own eager bf16 run (its
     modules in torch bf16), mean PSNR over fixed seeds, ddim and euler-a, tiny."""
     seeds = range(4)
     for scheduler in ("ddim", "euler-a"):

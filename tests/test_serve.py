@@ -154,7 +154,7 @@ def test_pipeline_batch_equals_alone(tiny, scheduler):
                      sag_scale=sag[i], generator=gens([seeds[i]]), output_type="latent").images
         worst = max(worst, relative_error(batch[i:i + 1], alone))
     print(f"{scheduler}: batch of 3 vs alone, worst final-latent relative error {worst:.2e}")
-    assert worst <= 1e-3  # DESIGN.md's loop bound
+    assert worst <= 1e-3  # docs/design.md's loop bound
     lone = pipe("a cat", num_inference_steps=6, guidance_scale=9.0, sag_scale=1.0, generator=gens([3]),
                 output_type="latent").images
     assert relative_error(lone, batch[0:1]) > 1e-2  # the scales do reach the images

@@ -741,7 +741,7 @@ def test_normalisation_check_names_an_fp16_layer_norm():
 
 def test_fp16_export_of_tiny_stays_near_fp32_torch_on_onnxruntime(tiny, tiny_fp16):
     """engine/precision.py's report on the tiny model (the `small` measurement is benchmarks/fp16_cpu.py and the
-    slow test below): every network finite, the score float32, the VAE above DESIGN.md's 30 dB."""
+    slow test below): every network finite, the score float32, the VAE above docs/design.md's 30 dB."""
     from sagrt.engine.onnxruntime_runner import OrtRunners
     from sagrt.engine.precision import compare_networks
     from sagrt.runtime.torch_runners import TorchRunners
@@ -759,7 +759,7 @@ def test_fp16_export_of_tiny_stays_near_fp32_torch_on_onnxruntime(tiny, tiny_fp1
 @pytest.mark.skipif(not os.environ.get("SAGRT_SLOW"), reason="about a minute on 2 cores: SAGRT_SLOW=1 runs it "
                     "(benchmarks/results/fp16-cpu-small.json has its numbers)")
 def test_fp16_export_of_small_stays_within_the_fp16_bound_on_onnxruntime(tmp_path):
-    """DESIGN.md's fp16 bound (image PSNR >= 30 dB) on the VAE of `small`, and the UNet's noise and mask close to
+    """docs/design.md's fp16 bound (image PSNR >= 30 dB) on the VAE of `small`, and the UNet's noise and mask close to
     fp32 torch: the fp16 graph TensorRT builds from, run by ONNX Runtime's CPU provider (see benchmarks/fp16_cpu.py
     for what that provider computes in fp16)."""
     import runpy
@@ -917,7 +917,7 @@ def test_tensorrt_unet_matches_torch_fp32(tiny, tiny_engines, no_tf32):
             eps, score = trt_runners.unet(sample, t, context)
             eps_ref, score_ref = torch_runners.unet(sample, t, context)
             assert score.dtype == torch.float32 and score.shape == score_ref.shape
-            # DESIGN.md's per-call bound (1e-4), and the score's informative part, its deviation from 1, on its own
+            # docs/design.md's per-call bound (1e-4), and the score's informative part, its deviation from 1, on its own
             assert relative_error(eps, eps_ref) <= 1e-4 and relative_error(score, score_ref) <= 1e-4
             assert score_ref.std() > 1e-3 and relative_error(score - 1, score_ref - 1) <= 1e-3
 
