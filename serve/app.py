@@ -12,8 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from sagrt import __version__
+from sagrt.serve import a1111, openai_api
 from sagrt.serve.images import infotext, png_b64, png_bytes
 from sagrt.serve.middleware import RequestContext
+from sagrt.serve.page import add_page
+from sagrt.serve.responses import request_id, result_headers
+from sagrt.serve.samplers import sampler_label
 from sagrt.serve.schemas import FieldError, GenerateRequest, GenerationParams
 from sagrt.serve.service import READY, Service
 from sagrt.serve.worker import JobError, JobResult, QueueFull
@@ -25,8 +30,6 @@ KEEPALIVE_S = 15.0  # an event-stream comment line this often while nothing else
 def create_app(config, service: Service | None = None) -> FastAPI:
     """The app over `service` (made from `config` if not given); the engine loads in the background when the
     app starts, so health answers at once and readiness says 503 until the model is loaded and warm."""
-    from sagrt import __version__
-
     service = service or Service(config)
 
     @contextlib.asynccontextmanager
@@ -45,14 +48,9 @@ def create_app(config, service: Service | None = None) -> FastAPI:
     add_error_handlers(app, service)
     add_health_routes(app, service)
     add_native_routes(app, service)
-    from sagrt.serve import a1111, openai_api
-
     app.include_router(openai_api.router(service))
     app.include_router(a1111.router(service))
-    # ---- the web page (issue 13: serve/page.py, serve/static/) ----
-    from sagrt.serve.page import add_page
-
-    add_page(app)
+    add_page(app)  # the web page: serve/page.py, serve/static/
     return app
 
 
@@ -145,17 +143,6 @@ def add_health_routes(app: FastAPI, service: Service):
 
 
 # ---- native endpoint --------------------------------------------------------------------------------------
-def request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
-def sampler_label(service: Service, params: GenerationParams) -> str:
-    from sagrt.serve.a1111 import a1111_name
-
-    name = params.scheduler or service.default_scheduler()
-    return a1111_name(name, params.karras_sigmas)
-
-
 def result_payload(service: Service, params: GenerationParams, result: JobResult) -> dict:
     sampler = sampler_label(service, params)
     texts = [infotext(params, seed, service.config.model, sampler) for seed in result.seeds]
@@ -163,13 +150,6 @@ def result_payload(service: Service, params: GenerationParams, result: JobResult
             "parameters": texts, "width": params.width, "height": params.height,
             "batch_images": result.batch_images, "queue_ms": round(result.queue_seconds * 1e3, 2),
             "run_ms": round(result.run_seconds * 1e3, 2)}
-
-
-def result_headers(result: JobResult) -> dict:
-    return {"X-Sagrt-Seeds": ",".join(map(str, result.seeds)),
-            "X-Sagrt-Batch-Images": ",".join(map(str, result.batch_images)),
-            "X-Sagrt-Queue-Ms": f"{result.queue_seconds * 1e3:.2f}",
-            "X-Sagrt-Run-Ms": f"{result.run_seconds * 1e3:.2f}"}
 
 
 def add_native_routes(app: FastAPI, service: Service):

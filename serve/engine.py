@@ -9,6 +9,8 @@ import threading
 
 import numpy as np
 
+from sagrt.runtime.pipeline import SAGConfig, SAGPipeline
+from sagrt.runtime.schedulers import make_scheduler
 from sagrt.serve.schemas import GenerationParams, ModelLimits
 
 
@@ -26,8 +28,6 @@ class Engine:
         self.fault_seed = int(fault) if fault else None
 
     def load(self):
-        from sagrt.runtime.pipeline import SAGPipeline
-
         pipe = SAGPipeline.from_pretrained(self.config.model, **self.config.pipeline_kwargs())
         pipe.set_progress_bar_config(disable=True)
         info = pipe.info
@@ -42,8 +42,6 @@ class Engine:
 
     def scheduler_for(self, name: str | None, karras: bool):
         """A scheduler per (name, karras), made once from the model's config; SchedulerError if it cannot be."""
-        from sagrt.runtime.schedulers import make_scheduler
-
         key = (name, karras)
         with self._lock:
             if key not in self._schedulers:
@@ -81,8 +79,6 @@ class Engine:
             if self.fault_seed is not None and self.fault_seed in seeds:
                 raise RuntimeError(f"injected fault for seed {self.fault_seed}")
             on_step(slices, step + 1, masks.pop(step, None))
-
-        from sagrt.runtime.pipeline import SAGConfig
 
         self.pipe.scheduler = self.scheduler_for(params.scheduler, params.karras_sigmas)
         try:

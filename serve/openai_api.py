@@ -9,6 +9,9 @@ import time
 from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field, field_validator
 
+from sagrt.serve.images import infotext, png_b64
+from sagrt.serve.responses import request_id, result_headers
+from sagrt.serve.samplers import sampler_label
 from sagrt.serve.schemas import DEFAULT_STEPS, MAX_SEED, GenerationParams, SAGFields, resolve_seed
 from sagrt.serve.worker import JobError
 
@@ -48,8 +51,6 @@ class ImageGenerationRequest(SAGFields):
 
 
 def router(service) -> APIRouter:
-    from sagrt.serve.app import request_id, result_headers, sampler_label
-    from sagrt.serve.images import infotext, png_b64
 
     api = APIRouter(tags=["openai"])
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sagrt.serve.samplers import sampler_to_scheduler
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_INFOTEXT_CHARS = 20_000
 # A1111's settings line: `Key: value, Key: "quoted, value", ...`
@@ -82,8 +84,6 @@ def settings_of(line: str) -> dict:
 
 def setting_fields(key: str, value: str, settings: dict) -> dict | None:
     """One A1111 setting -> /v1/generate fields; None when it has no field here (Model, hires fix...)."""
-    from sagrt.serve.a1111 import sampler_to_scheduler
-
     if key == "Steps":
         return {"num_inference_steps": int(value)}
     if key == "Sampler":

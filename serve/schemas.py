@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sagrt.runtime.schedulers import SchedulerError, canonical_name
+
 MAX_SEED = 2**63 - 1
 DEFAULT_STEPS = 20
 
@@ -139,8 +141,6 @@ def check_limits(params: GenerationParams, limits: ModelLimits, config, fields: 
     """`params` with the model's default size filled in, or FieldError naming the request's field
     (`fields` maps width/height/steps/n/prompt/negative_prompt/scheduler to the endpoint's own names)."""
     from dataclasses import replace
-
-    from sagrt.runtime.schedulers import SchedulerError, canonical_name
 
     name = lambda key: fields.get(key, key)  # noqa: E731
     width = params.width or limits.default_size

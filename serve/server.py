@@ -10,6 +10,7 @@ import time
 import uvicorn
 
 from sagrt.serve.app import create_app
+from sagrt.serve.config import ServeConfigError
 from sagrt.serve.service import Service
 
 
@@ -37,8 +38,6 @@ class DrainingServer(uvicorn.Server):
 def check_port(host: str, port: int) -> None:
     """Refuses a port another process holds before the model loads (uvicorn would find out after)."""
     import socket
-
-    from sagrt.serve.config import ServeConfigError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:

@@ -10,6 +10,8 @@ import asyncio
 import time
 import uuid
 
+from sagrt.errors import SagrtError
+from sagrt.runtime.schedulers import canonical_name, scheduler_names
 from sagrt.serve.engine import Engine
 from sagrt.serve.metrics import Metrics
 from sagrt.serve.schemas import FieldError, GenerationParams, check_limits
@@ -92,8 +94,6 @@ class Service:
     # ---- requests -----------------------------------------------------------------------------------
     def validate(self, params: GenerationParams, fields: dict[str, str] | None = None) -> GenerationParams:
         """Model and service bounds; FieldError names the request's field. Needs a loaded engine."""
-        from sagrt.errors import SagrtError
-
         self.check_ready()
         try:
             params = check_limits(params, self.engine.limits, self.config, fields or {})
@@ -147,8 +147,6 @@ class Service:
 
     def status(self) -> dict:
         """What a client (or the web page) shows about the service."""
-        from sagrt.runtime.schedulers import scheduler_names
-
         limits = self.engine.limits
         running = self.worker.running
         return {
@@ -168,8 +166,6 @@ class Service:
 
     def default_scheduler(self) -> str | None:
         """sagrt name of the scheduler a request without one gets."""
-        from sagrt.runtime.schedulers import canonical_name
-
         if self.config.scheduler is not None or self.engine.pipe is None:
             return self.config.scheduler
         return canonical_name(type(self.engine.base_scheduler).__name__)

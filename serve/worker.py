@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sagrt.errors import SagrtError
 from sagrt.serve.schemas import GenerationParams, ModelLimits
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -339,8 +340,6 @@ class Worker:
 
 def engine_error(err: BaseException) -> JobError:
     """422 for input the pipeline refuses (SagrtError), 500 otherwise; one line either way."""
-    from sagrt.errors import SagrtError
-
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, SagrtError):
         return JobError(422, text)
