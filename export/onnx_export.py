@@ -215,7 +215,9 @@ def export_network(name: str, components: Components, spec: specs.NetworkSpec, f
     raw.mkdir()
     raw_path = raw / spec.filename
     module = export_module(name, components, dtype, sag_layer)
-    with torch.no_grad(), warnings.catch_warnings():
+    # Ctrl-C or SIGTERM waits for the trace to end: an interrupt raised inside torch's tracer was seen to crash
+    # the process (SIGSEGV) instead of unwinding into the export's cleanup
+    with torch.no_grad(), warnings.catch_warnings(), artifacts.interrupts_deferred():
         warnings.simplefilter("ignore")  # TracerWarnings on shape arithmetic the dynamic axes already cover
         torch.onnx.export(module, sample_inputs(name, components, dtype), str(raw_path), dynamo=False,
                           input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
