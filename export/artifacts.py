@@ -233,18 +233,30 @@ def staging_dir(folder: str | Path, prefix: str):
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """SIGINT and SIGTERM wait until the block has ended (where the OS can block signals), so that a step and the
-    bookkeeping that undoes it are not torn apart; the handler runs right after the block."""
+    """SIGINT and SIGTERM received inside the block are acted on when it has ended, so that a step and the
+    bookkeeping that undoes it are not torn apart. Python runs signal handlers in the main thread whichever
+    thread the OS delivered the signal to, so the handlers are swapped for a recorder (blocking the signal in
+    the main thread alone would not hold it back); outside the main thread there is nothing to defer."""
     import signal
+    import threading
 
-    if not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # e.g. KeyboardInterrupt
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(received[0])  # the default action
 
 
 def remove_stale_staging(folder: str | Path, prefix: str, legacy: bool = True) -> list[Path]:
