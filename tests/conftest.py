@@ -70,7 +70,11 @@ class CliProcess:
         import sys
         import threading
 
-        self.process = subprocess.Popen([sys.executable, "-m", "sagrt.runtime.cli", *args], cwd=cwd, text=True,
+        # SIGINT back to Python's handler first: a shell's background job (`nohup pytest &`) starts with it
+        # ignored, and the Ctrl-C tests would then find nothing to interrupt
+        start = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "runpy.run_module('sagrt.runtime.cli', run_name='__main__')")
+        self.process = subprocess.Popen([sys.executable, "-c", start, *args], cwd=cwd, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.err = []
         self.reader = threading.Thread(target=lambda: self.err.extend(iter(lambda: self.process.stderr.read(1), "")),

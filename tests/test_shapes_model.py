@@ -1,9 +1,8 @@
 """The shipped `shapes` preset draws what it is asked, on the torch and onnxruntime backends.
 
 The judge is the shapes classifier trained with the model (training/train_shapes.py); it reads every
-image's shape, shape colour and background colour. The shipped model gets the colours right far above
-chance (1/8 and 1/7) but draws blobs whose shape the classifier reads at about chance (1/4), so the test
-asserts the two colours only (benchmarks/RESULTS-shapes.md has the shape numbers).
+image's shape, shape colour and background colour, and the test asserts all three well above chance
+(1/4, 1/8 and 1/7). benchmarks/RESULTS-shapes.md has the same scores over more prompts and settings.
 """
 
 import pytest
@@ -11,13 +10,14 @@ import pytest
 from training import shapes_classifier
 from training.evaluate_sag import adherence, fixed_prompts, generate
 
-PROMPTS, SEEDS = fixed_prompts(16), [0, 1]
+PROMPTS, SEEDS = fixed_prompts(16), [0, 1, 2, 3]
 CALL = dict(num_inference_steps=10, guidance_scale=7.5, sag_scale=0.75)
-# Set from measurement on torch, these 16 prompts and this call, seeds 0-3 one at a time (16 images each):
-# colour accuracy 0.69, 0.69, 0.75, 0.56 and background accuracy 0.56, 0.75, 0.94, 0.69. The bound is the
-# lowest of those (0.56) less about three of the 32 images, for a backend's rounding flipping borderline
-# ones; it is still more than three times chance (0.125 and 0.143).
-COLOUR_BOUND = 0.45
+# Set from measurement on torch, these 16 prompts and this call, over four disjoint sets of four seeds
+# (0-3, 4-7, 8-11, 12-15; 64 images each): shape accuracy 0.594, 0.578, 0.625, 0.672; colour 0.812, 0.812,
+# 0.844, 0.906; background 0.766, 0.844, 0.766, 0.891 (onnxruntime on seeds 0-3: the same as torch). Each
+# bound is the lowest of its four less four of the 64 images (0.0625), for a backend's rounding flipping
+# borderline ones: twice chance for the shape, more than five times for the colours.
+BOUNDS = {"shape": 0.50, "colour": 0.70, "background": 0.70}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_shapes_model_draws_the_prompt(backend, classifier, tmp_path_factory):
     images, labels = generate(pipe, PROMPTS, SEEDS, **CALL)
     assert images.shape == (len(PROMPTS) * len(SEEDS), 3, 64, 64)
     scores = adherence(classifier, images, labels)
-    assert scores["colour"] >= COLOUR_BOUND and scores["background"] >= COLOUR_BOUND, scores
+    assert all(scores[name] >= bound for name, bound in BOUNDS.items()), scores
 
 
 def test_classifier_reads_real_images(classifier):

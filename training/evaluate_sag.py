@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -174,13 +175,13 @@ def picture_grid(firsts: list[torch.Tensor], prompts_shown: int, path: Path) -> 
     grid(tiles, prompts_shown).save(path)
 
 
-def page(rows, floor, args, prompts, minutes: float) -> str:
+def page(rows, floor, args, prompts, minutes: float, load: float) -> str:
     command = "python -m training.evaluate_sag " + " ".join(sys.argv[1:])
     shown = ", ".join(f'"{p.text}"' for p in prompts[:4])
     return f"""# SAG on the trained `shapes` model
 
-Made by `{command.strip()}` ({minutes:.0f} min on a CPU shared with other jobs, one torch thread;
-backend {args.backend}, {args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds = {len(prompts) * args.seeds}
+Made by `{command.strip()}` ({minutes:.0f} min, {args.threads} torch threads, load average {load:.2f} at
+the start; backend {args.backend}, {args.steps} steps, {len(prompts)} prompts x {args.seeds} seeds = {len(prompts) * args.seeds}
 images per row, the same prompts and seeds in every row).
 
 The judge is the classifier trained with the model (training/shapes_classifier.py). Accuracies are the
@@ -208,19 +209,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS-shapes.md")
     parser.add_argument("--grid", type=Path, default=ROOT / "benchmarks" / "shapes-sag-grid.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     prompts, seeds = fixed_prompts(args.prompts), list(range(args.seeds))
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     rows, firsts, floor = evaluate(args.model, args.backend, prompts, seeds, args.steps)
     picture_grid(firsts, min(16, len(prompts)), args.grid)
-    args.out.write_text(page(rows, floor, args, prompts, (time.time() - start) / 60))
+    args.out.write_text(page(rows, floor, args, prompts, (time.time() - start) / 60, load))
     print(table([floor] + rows))
     print(sag_summary(rows))
 

@@ -13,9 +13,8 @@ Stages, each seeded and each saved under --work before the next starts (rerun wi
 4. save        the diffusers folder (--output, default export/presets/shapes), safetensors weights
 
 Run from the checkout root: python -m training.train_shapes   (see --help; a loss log goes to
---work/loss.jsonl, one line per 50 steps). The shipped weights were made with the defaults, the decoder
-stage in a second process beside the UNet's (--stages classifier,vae,unet and --stages decoder, then
---stages save).
+--work/loss.jsonl, one line per 50 steps). The shipped weights were made with the defaults, all stages in
+one process on the project's 2-core CPU with nothing else running (times on benchmarks/RESULTS-shapes.md).
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ VAE_CONFIG = dict(
 )
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # the prompt reaches the 8x8 level too
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=(4, 8), norm_num_groups=32,
 )
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -63,7 +62,7 @@ class LossLog:
     def add(self, step: int, bar, **losses):
         total = losses["loss"]
         self.avg = total if self.avg is None else 0.98 * self.avg + 0.02 * total
-        bar.set_postfix(loss=f"{self.avg:.4f}")
+        bar.set_postfix(loss=f"{self.avg:.4f}", refresh=False)  # the bar redraws at its own pace
         if step % 50 == 0:
             self.file.write(json.dumps({"stage": self.stage, "step": step, "time": round(time.time(), 1),
                                         **{k: round(v, 5) for k, v in losses.items()}}) + "\n")
@@ -242,7 +241,7 @@ def train_unet(work: Path, steps: int, batch: int, count: int, stop: int | None 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.998, (1 + step) / (10 + step))
+        decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for avg, live in zip(ema, (unet, text)):
                 for pa, pl in zip(avg.parameters(), live.parameters()):
@@ -277,36 +276,43 @@ def save_folder(work: Path, output: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="classifier,vae,unet,save")
+    parser.add_argument("--stages", default="classifier,vae,decoder,unet,save")
     parser.add_argument("--work", type=Path, default=ROOT / "training" / "out")
     parser.add_argument("--output", type=Path, default=ROOT / "export" / "presets" / "shapes")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all cores)")
     parser.add_argument("--classifier-steps", type=int, default=1200)
-    parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--decoder-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--decoder-steps", type=int, default=1000)
+    parser.add_argument("--unet-steps", type=int, default=3400)
     parser.add_argument("--batch", type=int, default=32, help="classifier batch")
     parser.add_argument("--vae-batch", type=int, default=16)
-    # the shipped weights stopped at step 2000 of the 2500-step schedule: the time left on a shared CPU
-    parser.add_argument("--unet-stop", type=int, default=2000,
+    parser.add_argument("--unet-stop", type=int, default=None,
                         help="end the UNet's training after this many steps of its --unet-steps schedule")
-    parser.add_argument("--unet-batch", type=int, default=32)
-    parser.add_argument("--latents", type=int, default=20000, help="training images the UNet sees")
+    parser.add_argument("--unet-batch", type=int, default=64)
+    parser.add_argument("--latents", type=int, default=40000, help="training images the UNet sees")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    runs = {
+        "classifier": lambda: train_classifier(args.work, args.classifier_steps, args.batch),
+        "vae": lambda: train_vae(args.work, args.vae_steps, args.vae_batch),
+        "decoder": lambda: train_decoder(args.work, args.decoder_steps, args.vae_batch),
+        "unet": lambda: train_unet(args.work, args.unet_steps, args.unet_batch, args.latents, args.unet_stop),
+        "save": lambda: save_folder(args.work, args.output),
+    }
     stages = args.stages.split(",")
+    unknown = sorted(set(stages) - set(runs))
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {','.join(runs)}")
     start = time.time()
-    if "classifier" in stages:
-        train_classifier(args.work, args.classifier_steps, args.batch)
-    if "vae" in stages:
-        train_vae(args.work, args.vae_steps, args.vae_batch)
-    if "decoder" in stages:
-        train_decoder(args.work, args.decoder_steps, args.vae_batch)
-    if "unet" in stages:
-        train_unet(args.work, args.unet_steps, args.unet_batch, args.latents, args.unet_stop)
-    if "save" in stages:
-        save_folder(args.work, args.output)
+    with open(args.work / "loss.jsonl", "a") as log:
+        for stage in [s for s in runs if s in stages]:
+            began = time.time()
+            runs[stage]()
+            minutes = (time.time() - began) / 60
+            log.write(json.dumps({"stage": stage, "minutes": round(minutes, 2), "threads": args.threads}) + "\n")
+            log.flush()
+            print(f"{stage} done in {minutes:.1f} min", flush=True)
     print(f"done in {(time.time() - start) / 60:.1f} min")
 
 
