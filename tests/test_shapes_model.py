@@ -25,18 +25,38 @@ def classifier():
     return shapes_classifier.load()
 
 
+@pytest.fixture(scope="module")
+def shapes_export(tmp_path_factory):
+    """The shapes preset's ONNX export, made on first use by the onnxruntime test and shared."""
+    return tmp_path_factory.mktemp("shapes") / "export"
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_shapes_model_draws_the_prompt(backend, classifier, tmp_path_factory):
+def test_shapes_model_draws_the_prompt(backend, classifier, shapes_export):
     from sagrt.runtime.pipeline import SAGPipeline
 
-    options = {"export_dir": tmp_path_factory.mktemp("shapes-onnx"), "providers": "cpu"} \
-        if backend == "onnxruntime" else {}
+    options = {"export_dir": shapes_export, "providers": "cpu"} if backend == "onnxruntime" else {}
     pipe = SAGPipeline.from_pretrained("shapes", backend=backend, safety_checker=False, **options)
     pipe.set_progress_bar_config(disable=True)
     images, labels = generate(pipe, PROMPTS, SEEDS, **CALL)
     assert images.shape == (len(PROMPTS) * len(SEEDS), 3, 64, 64)
     scores = adherence(classifier, images, labels)
     assert all(scores[name] >= bound for name, bound in BOUNDS.items()), scores
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_shapes_export_holds_the_parity_bounds(backend, shapes_export, capsys):
+    """The export and the engine backends work on the trained model unchanged, within the CLI's bounds of any
+    model (per-step noise_pred and final latents against torch; both graphs read the same export)."""
+    from sagrt.runtime.cli import main
+
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install '.[openvino]'")
+    code = main(["parity", "--model", "shapes", "--export-dir", str(shapes_export), "--backends", f"{backend},torch",
+                 "--steps", "4", "--scheduler", "euler-a", "a blue square on a white background"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert code == 0 and len(rows) == 4 and out.strip().endswith(": ok"), out
 
 
 def test_classifier_reads_real_images(classifier):
