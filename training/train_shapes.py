@@ -13,8 +13,9 @@ Stages, each seeded and each saved under --work before the next starts (rerun wi
 4. save        the diffusers folder (--output, default export/presets/shapes), safetensors weights
 
 Run from the checkout root: python -m training.train_shapes   (see --help; a loss log goes to
---work/loss.jsonl, one line per 50 steps). The shipped weights were made with the defaults, all stages in
-one process on the project's 2-core CPU with nothing else running (times on benchmarks/RESULTS-shapes.md).
+--work/loss.jsonl, one line per 50 steps). The shipped weights were made with the defaults on the project's
+2-core CPU with nothing else running, the unet and save stages rerun in a second process over the same --work
+(times and why on benchmarks/RESULTS-shapes.md).
 """
 
 from __future__ import annotations
@@ -52,21 +53,25 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, n
                    max_position_embeddings=77, bos_token_id=589, eos_token_id=590, pad_token_id=590)
 
 
+def append_log(work: Path, record: dict) -> None:
+    """One JSON line appended to work/loss.jsonl (loss lines and each stage's minutes)."""
+    with open(work / "loss.jsonl", "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
 class LossLog:
     """Appends one JSON line per logged step to work/loss.jsonl and shows the running loss on the bar."""
 
     def __init__(self, work: Path, stage: str):
-        self.file = open(work / "loss.jsonl", "a")
-        self.stage, self.avg = stage, None
+        self.work, self.stage, self.avg = work, stage, None
 
     def add(self, step: int, bar, **losses):
         total = losses["loss"]
         self.avg = total if self.avg is None else 0.98 * self.avg + 0.02 * total
         bar.set_postfix(loss=f"{self.avg:.4f}", refresh=False)  # the bar redraws at its own pace
         if step % 50 == 0:
-            self.file.write(json.dumps({"stage": self.stage, "step": step, "time": round(time.time(), 1),
-                                        **{k: round(v, 5) for k, v in losses.items()}}) + "\n")
-            self.file.flush()
+            append_log(self.work, {"stage": self.stage, "step": step, "time": round(time.time(), 1),
+                                   **{k: round(v, 5) for k, v in losses.items()}})
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -305,14 +310,12 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {','.join(runs)}")
     start = time.time()
-    with open(args.work / "loss.jsonl", "a") as log:
-        for stage in [s for s in runs if s in stages]:
-            began = time.time()
-            runs[stage]()
-            minutes = (time.time() - began) / 60
-            log.write(json.dumps({"stage": stage, "minutes": round(minutes, 2), "threads": args.threads}) + "\n")
-            log.flush()
-            print(f"{stage} done in {minutes:.1f} min", flush=True)
+    for stage in [s for s in runs if s in stages]:
+        began = time.time()
+        runs[stage]()
+        minutes = (time.time() - began) / 60
+        append_log(args.work, {"stage": stage, "minutes": round(minutes, 2), "threads": args.threads})
+        print(f"{stage} done in {minutes:.1f} min", flush=True)
     print(f"done in {(time.time() - start) / 60:.1f} min")
 
 
