@@ -209,7 +209,8 @@ def sag_map_downsamplings(components: Components, sag_layer: str) -> int:
 def export_network(name: str, components: Components, spec: specs.NetworkSpec, folder: Path, *, opset: int,
                    dtype: torch.dtype, sag_layer: str, external_data: bool | None) -> list[str]:
     """Writes `folder/<name>.onnx` (and `<name>.onnx.data` with external data); returns the file names."""
-    import onnx
+    with artifacts.interrupts_deferred():  # an interrupt inside onnx's native module init aborts the process
+        import onnx
 
     raw = folder / f".raw-{name}"
     raw.mkdir()
