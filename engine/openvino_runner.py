@@ -8,8 +8,9 @@ f32; attn_score therefore leaves the UNet in float32, computed in f32 from the S
 the timestep embedding's phases (timestep x frequencies) stay f32 (`phases_from_input`, `keep_float32`).
 Measurements behind both choices: benchmarks/RESULTS-openvino.md.
 
-Compiled networks are cached beside the export (`openvino-<version>-<precision>/`, one blob per network with a
-manifest of hashes): a later load imports them instead of compiling again.
+Each network is compiled for the input shapes of its call, on first use (static shapes run faster than one dynamic
+compilation), and cached beside the export (`openvino-<version>-<precision>/`, one blob per network and shapes with
+a manifest of hashes): a later load imports them instead of compiling again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import platform
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -172,9 +174,10 @@ def keep_float32(core, model, names: set[str], scratch: Path):
 
 class CompiledCache:
     """Compiled networks of one export, precision and OpenVINO version: `<export>/openvino-<version>-<precision>/`
-    holds <network>.blob files and a manifest naming the export files they were compiled from, the CPU and each
-    blob's size and sha256. A blob that no longer matches its manifest is refused (delete the folder to recompile);
-    a cache for other export files or another CPU is recompiled."""
+    holds one <key>.blob per compiled network and input shapes (`shape_key`) with a manifest naming the export
+    files they were compiled from, the CPU and each blob's size and sha256. Every listed blob is checked when the
+    cache is opened; one that no longer matches is refused (delete the folder to recompile). A cache for other
+    export files or another CPU is recompiled."""
 
     def __init__(self, export_dir: Path, export_manifest: dict, precision: str, files: dict[str, str], cpu: str):
         self.folder = export_dir / f"openvino-{openvino_version()}-{precision}"
@@ -182,14 +185,18 @@ class CompiledCache:
                        "cpu": cpu,
                        "sources": {name: entry["sha256"] for name, entry in export_manifest["files"].items()
                                    if any(name == f or name.startswith(f"{f}.") for f in files.values())}}
-        self.manifest = self.read()
+        self.files = self.verified()
 
-    def read(self) -> dict | None:
-        """The cache manifest if it was made for this export, precision, OpenVINO and CPU, else None."""
+    def entries(self) -> dict | None:
+        """The blobs the manifest lists, if it was made for this export, precision, OpenVINO and CPU, else None."""
         manifest = artifacts.read_manifest(self.folder)
         if manifest is None or artifacts.manifest_differences(manifest, self.wanted):
             return None
-        entries = manifest.get("files", {})
+        return manifest.get("files", {})
+
+    def verified(self) -> dict:
+        """The manifest's blobs, each checked for its size and sha256 (hashes are remembered per file stat)."""
+        entries = self.entries() or {}
         for name, entry in sorted(entries.items()):
             path = self.folder / name
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
@@ -200,50 +207,79 @@ class CompiledCache:
             if digests[name] != entry["sha256"]:
                 raise OpenVinoError(f"compiled OpenVINO cache {self.folder / name} is corrupted (sha256 differs "
                                     f"from its manifest): delete {self.folder} (it is recompiled on the next load)")
-        return manifest
+        return entries
 
-    def load(self, core, network: str, config: dict):
-        if self.manifest is None or f"{network}.blob" not in self.manifest["files"]:
+    def load(self, core, key: str, config: dict):
+        """The compiled network cached under `key`, or None when the cache has none."""
+        name = f"{key}.blob"
+        if name not in self.files:
             return None
-        with open(self.folder / f"{network}.blob", "rb") as blob:
-            try:
-                return core.import_model(blob.read(), "CPU", config)
-            except RuntimeError as err:
-                raise OpenVinoError(f"this OpenVINO cannot import the compiled cache {network}.blob ({reason(err)}): "
-                                    f"delete {self.folder} (it is recompiled on the next load)") from None
+        try:
+            return core.import_model((self.folder / name).read_bytes(), "CPU", config)
+        except RuntimeError as err:
+            raise OpenVinoError(f"this OpenVINO cannot import the compiled cache {name} ({reason(err)}): "
+                                f"delete {self.folder} (it is recompiled on the next load)") from None
 
-    def save(self, compiled: dict) -> None:
-        """Writes every blob atomically, then the manifest; best effort (a folder sagrt cannot write is skipped)."""
+    def save(self, key: str, compiled) -> None:
+        """Adds one blob: written atomically, then the manifest that lists it (a blob it replaces is first
+        unlisted). Blobs of a manifest made for something else are removed. Best effort: a folder sagrt cannot
+        write is skipped."""
+        name = f"{key}.blob"
         try:
             self.folder.mkdir(exist_ok=True)
-            (self.folder / artifacts.MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new blobs
-            for network, model in compiled.items():
-                stream = io.BytesIO()
-                model.export_model(stream)
-                artifacts.write_bytes_atomic(self.folder / f"{network}.blob", stream.getvalue())
-            names = sorted(f"{network}.blob" for network in compiled)
-            digests = artifacts.recorded_sha256s(self.folder, names)
-            files = {name: {"sha256": digests[name], "bytes": (self.folder / name).stat().st_size} for name in names}
-            artifacts.write_manifest(self.folder, {**self.wanted, "files": files,
-                                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            files = self.entries()
+            if files is None:
+                stale = artifacts.read_manifest(self.folder) or {}
+                (self.folder / artifacts.MANIFEST).unlink(missing_ok=True)
+                for old in stale.get("files", {}):
+                    artifacts.member(self.folder, old).unlink(missing_ok=True)
+                files = {}
+            elif files.pop(name, None) is not None:  # the old manifest must not vouch for the new blob
+                self.write_manifest(files)
+            stream = io.BytesIO()
+            compiled.export_model(stream)
+            artifacts.write_bytes_atomic(self.folder / name, stream.getvalue())
+            files[name] = {"sha256": artifacts.recorded_sha256s(self.folder, [name])[name],
+                           "bytes": (self.folder / name).stat().st_size}
+            self.write_manifest(files)
+            self.files = files
         except OSError:
             return
+
+    def write_manifest(self, files: dict) -> None:
+        artifacts.write_manifest(self.folder, {**self.wanted, "files": files,
+                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def shape_key(network: str, arrays: dict[str, np.ndarray]) -> str:
+    """The name of one static compilation: network and input shapes, e.g. 'unet-2x4x32x32-1-2x77x256'."""
+    return "-".join([network] + ["x".join(map(str, array.shape)) for array in arrays.values()])
 
 
 class OvRunners(OrtRunners):
     """Runners over OpenVINO compilations of an export folder's graphs (see export.onnx_export). The three calls
-    are OrtRunners' (same graphs, same checks); only sessions and `run` differ."""
+    are OrtRunners' (same graphs, same checks); only the compilations and `run` differ.
+
+    With `static_shapes` (the default) each network is compiled for the input shapes of its call, on first use
+    (OpenVINO's CPU plugin runs a static graph 15-25% faster than the dynamic one: benchmarks/RESULTS-openvino.md);
+    the last `shapes_kept` compilations per network stay in memory, and every one is cached on disk."""
 
     name = BACKEND
+    thread_safe = False  # one infer request per compilation, compiled on first use: the pipeline serializes calls
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", *, wanted: dict | None = None,
-                 model: str | None = None, threads: int | None = None, cache: bool = True):
+                 model: str | None = None, threads: int | None = None, cache: bool = True,
+                 static_shapes: bool = True, shapes_kept: int = 4):
         """`precision`: fp32 or bf16 (OpenVINO's inference precision; the graphs are the fp32 export's).
         `threads`: OpenVINO's inference threads (default: OpenVINO's choice). `cache`: import compiled networks
-        from, and save them to, the cache folder beside the export."""
-        core = new_core()
-        check_precision(precision, core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        from, and save them to, the cache folder beside the export. `static_shapes`: compile per input shapes
+        (False: one dynamic compilation per network serves every shape)."""
+        if shapes_kept < 1:
+            raise OpenVinoError(f"shapes_kept must be at least 1, got {shapes_kept}")
+        self.core = new_core()
+        check_precision(precision, self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         self.export_dir, self.precision = Path(export_dir), precision
+        self.static_shapes, self.shapes_kept = static_shapes, shapes_kept
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, "precision": "fp32",
                                                         **(wanted or {})}, model)
         self.info = ModelInfo(**self.manifest["model_info"])
@@ -251,31 +287,49 @@ class OvRunners(OrtRunners):
         self.map_downsamplings = self.manifest["sag_map_downsamplings"]
         self.device, self.dtype, self.io_binding = torch.device("cpu"), torch.float32, False
         self.files = {name: spec.filename for name, spec in self.specs.items()}  # portable graphs, no com.microsoft
+        self.graphs = {name: read_graph(self.core, self.export_dir / filename) for name, filename in self.files.items()}
         self.config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        cpu = f"{core.get_property('CPU', 'FULL_DEVICE_NAME')} ({platform.machine()})"
+        cpu = f"{self.core.get_property('CPU', 'FULL_DEVICE_NAME')} ({platform.machine()})"
         self.cache = CompiledCache(self.export_dir, self.manifest, precision, self.files, cpu) if cache else None
-        self.compiled = {name: self.cache.load(core, name, self.config) if self.cache else None for name in NETWORKS}
-        self.imported = sorted(name for name, compiled in self.compiled.items() if compiled is not None)
-        fresh = {name: self.compile(core, name) for name, compiled in self.compiled.items() if compiled is None}
-        self.compiled.update(fresh)
-        if self.cache and fresh:
-            self.cache.save(self.compiled)
-        self.requests = {name: compiled.create_infer_request() for name, compiled in self.compiled.items()}
+        self.loaded: dict[str, OrderedDict] = {name: OrderedDict() for name in NETWORKS}  # key -> (compiled, request)
+        self.imported: list[str] = []  # keys imported from the cache, in order
 
-    def compile(self, core, network: str):
-        """OpenVINO's compilation of one graph; under bf16 the UNet's timestep embedding stays float32."""
-        model = read_graph(core, self.export_dir / self.files[network])
+    def compiled_for(self, network: str, arrays: dict[str, np.ndarray]):
+        """(compiled network, its infer request) for these inputs: in memory, imported from the cache, or
+        compiled now (and cached)."""
+        key = shape_key(network, arrays) if self.static_shapes else network
+        loaded = self.loaded[network]
+        if key not in loaded:
+            compiled = self.cache.load(self.core, key, self.config) if self.cache else None
+            if compiled is not None:
+                self.imported.append(key)
+            else:
+                compiled = self.compile(network, {name: array.shape for name, array in arrays.items()})
+                if self.cache:
+                    self.cache.save(key, compiled)
+            loaded[key] = (compiled, compiled.create_infer_request())
+            while len(loaded) > self.shapes_kept:
+                loaded.popitem(last=False)
+        loaded.move_to_end(key)
+        return loaded[key]
+
+    def compile(self, network: str, shapes: dict[str, tuple]):
+        """OpenVINO's compilation of one graph (for `shapes` under static_shapes); under bf16 the UNet's timestep
+        embedding stays float32."""
+        model = self.graphs[network].clone()
+        if self.static_shapes:
+            model.reshape({name: list(shape) for name, shape in shapes.items()})
         names = set()
         if self.precision == "bf16":
             phases_from_input(model)
             names = periodic_inputs(model)
         if names:
             with tempfile.TemporaryDirectory(prefix=".sagrt-openvino-") as scratch:
-                model = keep_float32(core, model, names, Path(scratch))
-                return compile_graph(core, model, self.config, self.files[network])
-        return compile_graph(core, model, self.config, self.files[network])
+                model = keep_float32(self.core, model, names, Path(scratch))
+                return compile_graph(self.core, model, self.config, self.files[network])
+        return compile_graph(self.core, model, self.config, self.files[network])
 
     def run(self, network: str, feeds: dict[str, torch.Tensor], dims: dict[str, int],
             outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -284,16 +338,23 @@ class OvRunners(OrtRunners):
         spec = self.specs[network]
         arrays = {t.name: np.ascontiguousarray(feeds[t.name].detach().cpu().to(TORCH_DTYPES[t.dtype]).numpy())
                   for t in spec.inputs}
-        results = self.requests[network].infer(arrays)  # keyed by output port; a port may carry several names
-        return {t.name: torch.from_numpy(np.array(results[self.compiled[network].output(t.name)])) for t in spec.outputs
+        compiled, request = self.compiled_for(network, arrays)
+        results = request.infer(arrays)  # keyed by output port; a port may carry several names
+        return {t.name: torch.from_numpy(np.array(results[compiled.output(t.name)])) for t in spec.outputs
                 if outputs is None or t.name in outputs}
 
+    def last_compiled(self, network: str):
+        """The network's most recently used compilation (after at least one call)."""
+        if not self.loaded[network]:
+            raise OpenVinoError(f"no {network} is compiled yet: it is compiled on its first call")
+        return next(reversed(self.loaded[network].values()))[0]
+
     def sag_layer_precisions(self) -> dict[str, str]:
-        """{node name: runtime precision} of the compiled UNet's nodes for the SAG layer's softmax and the
-        attn_score output, read from OpenVINO's runtime graph."""
+        """{node name: runtime precision} of the last used UNet compilation's nodes for the SAG layer's softmax
+        and the attn_score output, read from OpenVINO's runtime graph."""
         scope = onnx_scope(self.manifest["sag_layer"]) + "/"
         found = {}
-        for op in self.compiled["unet"].get_runtime_model().get_ops():
+        for op in self.last_compiled("unet").get_runtime_model().get_ops():
             name, info = op.get_friendly_name(), op.get_rt_info()
             kind = info["layerType"].astype(str)
             if (kind == "Softmax" and name.startswith(scope)) or name == "attn_score":
@@ -301,7 +362,8 @@ class OvRunners(OrtRunners):
         return found
 
     def close(self) -> None:
-        self.requests, self.compiled = {}, {}
+        self.loaded = {name: OrderedDict() for name in NETWORKS}
+        self.graphs = {}
 
 
 def require_precision(precision: str) -> None:

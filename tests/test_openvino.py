@@ -109,7 +109,10 @@ def test_timestep_phase_rewiring_changes_no_value(ov_export):
 # ---- bf16: the SAG signal and the honest bound ----------------------------------------------------
 @needs_bf16
 def test_bf16_keeps_the_sag_signal_in_float32(tiny, ov_bf16):
-    ops = ov_bf16.compiled["unet"].get_runtime_model().get_ops()
+    gen = torch.Generator().manual_seed(5)
+    sample, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    noise_pred, score = ov_bf16.unet(sample, torch.tensor(999.0), context)
+    ops = ov_bf16.last_compiled("unet").get_runtime_model().get_ops()
     runtime = {op.get_friendly_name(): op.get_rt_info() for op in ops}
     kinds = {(info["layerType"].astype(str), info["runtimePrecision"].astype(str)) for info in runtime.values()}
     assert ("Convolution", "bf16") in kinds  # bf16 is really on
@@ -118,9 +121,6 @@ def test_bf16_keeps_the_sag_signal_in_float32(tiny, ov_bf16):
     assert set(precisions.values()) == {"f32"}
     phases = [info["runtimePrecision"].astype(str) for name, info in runtime.items() if "timestep_phase" in name]
     assert phases == ["f32"]
-    gen = torch.Generator().manual_seed(5)
-    sample, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
-    noise_pred, score = ov_bf16.unet(sample, torch.tensor(999.0), context)
     with torch.no_grad():
         noise_ref, score_ref = TorchRunners(tiny).unet(sample, 999.0, context)
     assert score.dtype == torch.float32 and noise_pred.dtype == torch.float32
@@ -146,20 +146,57 @@ def test_bf16_images_are_as_close_to_fp32_as_eager_bf16(ov_export, ov_bf16):
         assert 35 < psnrs["eager bf16"] <= psnrs["openvino bf16"] < 90, (scheduler, psnrs)
 
 
-# ---- the compiled cache -------------------------------------------------------------------------
-def test_compiled_networks_are_cached_and_reused(ov_export, ov_fp32):
-    cache = ov_export / ov_fp32.cache.folder.name
-    manifest = artifacts.read_manifest(cache)
+# ---- static shapes and the compiled cache ------------------------------------------------------------
+def unet_call(runners, batch, seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    sample, context = torch.randn(batch, 4, 8, 8, generator=gen), torch.randn(batch, 77, 32, generator=gen)
+    return runners.unet(sample, torch.tensor(10.0), context)
+
+
+def test_each_shape_is_compiled_once_cached_and_reused(ov_export, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))
+    first = OvRunners(folder, "fp32", threads=1, shapes_kept=1)
+    one, two = unet_call(first, 1), unet_call(first, 2)
+    assert list(first.loaded["unet"]) == ["unet-2x4x8x8-1-2x77x32"]  # shapes_kept=1: batch 1 left memory
+    assert torch.equal(unet_call(first, 1)[0], one[0]) and first.imported == ["unet-1x4x8x8-1-1x77x32"]
+    manifest = artifacts.read_manifest(first.cache.folder)
     assert manifest["precision"] == "fp32" and sorted(manifest["files"]) == [
-        "text_encoder.blob", "unet.blob", "vae_decoder.blob"]
-    assert manifest["sources"]["unet.onnx"] == artifacts.read_manifest(ov_export)["files"]["unet.onnx"]["sha256"]
-    again = OvRunners(ov_export, "fp32", threads=1)
-    assert again.imported == ["text_encoder", "unet", "vae_decoder"]
-    gen = torch.Generator().manual_seed(6)
-    sample, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
-    for a, b in zip(again.unet(sample, torch.tensor(10.0), context), ov_fp32.unet(sample, torch.tensor(10.0), context)):
-        assert torch.equal(a, b)
-    assert OvRunners(ov_export, "fp32", threads=1, cache=False).imported == []
+        "unet-1x4x8x8-1-1x77x32.blob", "unet-2x4x8x8-1-2x77x32.blob"]
+    assert manifest["sources"]["unet.onnx"] == artifacts.read_manifest(folder)["files"]["unet.onnx"]["sha256"]
+    again = OvRunners(folder, "fp32", threads=1)
+    for batch, expected in ((2, two), (1, one)):
+        for a, b in zip(unet_call(again, batch), expected):
+            assert torch.equal(a, b)
+    assert again.imported == ["unet-2x4x8x8-1-2x77x32", "unet-1x4x8x8-1-1x77x32"]
+    fresh = OvRunners(folder, "fp32", threads=1, cache=False)
+    unet_call(fresh, 1)
+    assert fresh.imported == []
+
+
+def test_dynamic_shapes_compile_once_for_every_shape(ov_export, ov_fp32):
+    dynamic = OvRunners(ov_export, "fp32", threads=1, static_shapes=False, cache=False)
+    for batch in (1, 2):
+        for a, b in zip(unet_call(dynamic, batch), unet_call(ov_fp32, batch)):
+            assert relative_error(a, b) <= CALL_BOUND
+    assert list(dynamic.loaded["unet"]) == ["unet"]
+    with pytest.raises(OpenVinoError, match="shapes_kept must be at least 1"):
+        OvRunners(ov_export, "fp32", shapes_kept=0)
+
+
+def test_a_cache_for_other_export_files_is_replaced(ov_export, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))
+    runners = OvRunners(folder, "fp32", threads=1)
+    unet_call(runners, 1)
+    cache = runners.cache.folder
+    manifest = artifacts.read_manifest(cache)
+    manifest["sources"]["unet.onnx"] = "0" * 64  # as if compiled from another export
+    artifacts.write_manifest(cache, manifest)
+    again = OvRunners(folder, "fp32", threads=1)
+    unet_call(again, 2)
+    assert again.imported == [] and sorted(p.name for p in cache.glob("*.blob")) == ["unet-2x4x8x8-1-2x77x32.blob"]
+    assert sorted(artifacts.read_manifest(cache)["files"]) == ["unet-2x4x8x8-1-2x77x32.blob"]
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------
@@ -174,33 +211,47 @@ def test_generate_runs_on_openvino(ov_export, tmp_path, capsys):
     assert "backend openvino" in capsys.readouterr().out and (tmp_path / "images" / "sagrt-0-0.png").is_file()
 
 
-def test_corrupt_compiled_cache_is_one_line_exit_2(ov_export, ov_fp32, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def generated_export(ov_export, tmp_path_factory):
+    """A copy of the tiny export whose fp32 cache holds every compilation `generate` needs."""
+    folder = tmp_path_factory.mktemp("tiny-openvino-generated") / "export"
+    shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))
+    assert generate(folder, folder.parent) == 0
+    return folder
+
+
+def cached_blob(folder, network) -> "Path":
+    (blob,) = next(folder.glob("openvino-*-fp32")).glob(f"{network}-*.blob")
+    return blob
+
+
+def test_corrupt_compiled_cache_is_one_line_exit_2(generated_export, tmp_path, capsys):
     folder = tmp_path / "export"
-    shutil.copytree(ov_export, folder)
-    blob = folder / ov_fp32.cache.folder.name / "unet.blob"
+    shutil.copytree(generated_export, folder)
+    blob = cached_blob(folder, "vae_decoder")  # the last network called: the cache is checked before any call
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
     assert generate(folder, tmp_path) == 2
     err = one_line_error(capsys)
-    assert "unet.blob is corrupted" in err and f"delete {blob.parent}" in err
+    assert f"{blob.name} is corrupted" in err and f"delete {blob.parent}" in err
     assert not (tmp_path / "images").exists()
 
 
-def test_cache_this_openvino_cannot_import_is_one_line_exit_2(ov_export, ov_fp32, tmp_path, capsys):
+def test_cache_this_openvino_cannot_import_is_one_line_exit_2(generated_export, tmp_path, capsys):
     """A blob whose hash matches its manifest but that OpenVINO refuses (as one from another build would be)."""
     folder = tmp_path / "export"
-    shutil.copytree(ov_export, folder)
-    cache = folder / ov_fp32.cache.folder.name
-    (cache / "vae_decoder.blob").write_bytes(b"not a compiled network " * 100)
-    manifest = artifacts.read_manifest(cache)
-    manifest["files"]["vae_decoder.blob"] = {"sha256": artifacts.sha256_file(cache / "vae_decoder.blob"),
-                                             "bytes": (cache / "vae_decoder.blob").stat().st_size}
-    artifacts.write_manifest(cache, manifest)
+    shutil.copytree(generated_export, folder)
+    blob = cached_blob(folder, "vae_decoder")
+    blob.write_bytes(b"not a compiled network " * 100)
+    manifest = artifacts.read_manifest(blob.parent)
+    manifest["files"][blob.name] = {"sha256": artifacts.sha256_file(blob), "bytes": blob.stat().st_size}
+    artifacts.write_manifest(blob.parent, manifest)
     assert generate(folder, tmp_path) == 2
-    err = one_line_error(capsys)
-    assert "cannot import the compiled cache vae_decoder.blob ([CPU] Cannot import compiled blob" in err
-    assert f"delete {cache}" in err and not (tmp_path / "images").exists()
+    # found when the decoder is first needed, after the denoising loop (its progress bar is on stderr too)
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert f"cannot import the compiled cache {blob.name} ([CPU] Cannot import compiled blob" in err
+    assert f"delete {blob.parent}" in err and not (tmp_path / "images").exists()
 
 
 def test_graph_openvino_cannot_read_is_one_line_exit_2(ov_export, tmp_path, capsys):
