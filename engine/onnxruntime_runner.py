@@ -113,6 +113,7 @@ class OrtRunners(Runners):
         self.providers = resolve_providers(providers)
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device = torch.device("cuda", device_id) if on_gpu else torch.device("cpu")
+        self.host_threads = None if on_gpu else 1
         self.io_binding = on_gpu if io_binding is None else io_binding
 
         options = session_options(on_gpu, graph_optimization, intra_op_threads)

@@ -266,6 +266,7 @@ class OvRunners(OrtRunners):
 
     name = BACKEND
     thread_safe = False  # one infer request per compilation, compiled on first use: the pipeline serializes calls
+    host_threads = 1
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", *, wanted: dict | None = None,
                  model: str | None = None, threads: int | None = None, cache: bool = True,
@@ -287,7 +288,8 @@ class OvRunners(OrtRunners):
         self.map_downsamplings = self.manifest["sag_map_downsamplings"]
         self.device, self.dtype, self.io_binding = torch.device("cpu"), torch.float32, False
         self.files = {name: spec.filename for name, spec in self.specs.items()}  # portable graphs, no com.microsoft
-        self.graphs = {name: read_graph(self.core, self.export_dir / filename) for name, filename in self.files.items()}
+        for filename in self.files.values():  # a graph this OpenVINO cannot read is refused now, not mid-generation
+            read_graph(self.core, self.export_dir / filename)
         self.config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -318,7 +320,7 @@ class OvRunners(OrtRunners):
     def compile(self, network: str, shapes: dict[str, tuple]):
         """OpenVINO's compilation of one graph (for `shapes` under static_shapes); under bf16 the UNet's timestep
         embedding stays float32."""
-        model = self.graphs[network].clone()
+        model = read_graph(self.core, self.export_dir / self.files[network])  # read again: no graph kept in memory
         if self.static_shapes:
             model.reshape({name: list(shape) for name, shape in shapes.items()})
         names = set()
@@ -363,7 +365,6 @@ class OvRunners(OrtRunners):
 
     def close(self) -> None:
         self.loaded = {name: OrderedDict() for name in NETWORKS}
-        self.graphs = {}
 
 
 def require_precision(precision: str) -> None:

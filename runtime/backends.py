@@ -76,6 +76,7 @@ class OpenVINOOptions:
     opset: int | None = None
     threads: int | None = None  # OpenVINO's inference threads (default: its choice)
     cache: bool = True  # compiled networks kept beside the export
+    static_shapes: bool = True  # one compilation per input shapes (faster); False: one dynamic one (less memory)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def load_openvino(model, options: OpenVINOOptions, sag_layer: str, safety_checke
     require_precision(options.precision)  # before any export is written
     folder = export_model(model, options.export_dir, opset=options.opset or DEFAULT_OPSET, precision="fp32",
                           sag_layer=sag_layer)
-    runners = OvRunners(folder, options.precision, model=str(model), threads=options.threads, cache=options.cache)
+    runners = OvRunners(folder, options.precision, model=str(model), threads=options.threads, cache=options.cache,
+                        static_shapes=options.static_shapes)
     return saved_parts(folder, model, safety_checker, runners)
 
 

@@ -25,7 +25,7 @@ from sagrt.runtime import backends, checks
 from sagrt.runtime import schedulers as sched
 from sagrt.runtime.checks import InputError
 from sagrt.runtime.guidance import classifier_free_guidance, per_image, sag_degrade, sag_mask
-from sagrt.runners import ModelInfo, Runners
+from sagrt.runners import ModelInfo, Runners, capped_torch_threads
 from sagrt.runtime.timing import StageClock
 
 logger = logging.getLogger("sagrt")
@@ -309,7 +309,8 @@ class SAGPipeline:
         `guidance_scale` and `sag_scale` may give one value per image (a list or 1-D tensor of the batch's length;
         CFG and SAG must then be on for all images or for none), `generator` may be a list (one per image), and
         `sag_mask_callback(step, mask [B, 1, h, w])` sees the SAG mask of each step where SAG runs. A `callback`
-        that raises stops the loop after that step.
+        that raises stops the loop after that step; on CPU engines (onnxruntime, openvino) the loop, callbacks
+        included, runs torch at one thread (Runners.host_threads).
         One call at a time: a second call while one runs (another thread, or a callback) raises PipelineBusyError,
         as does a call on a scheduler or (non thread-safe) runners that another pipeline is using."""
         shared = [self, self.scheduler] + ([] if self.runners.thread_safe else [self.runners])
@@ -389,34 +390,35 @@ class SAGPipeline:
         bar = tqdm(total=num_inference_steps, **{"desc": "denoise", **self.progress_bar_config})
         clock.mark("setup")
         try:  # the bar ends its line also when the loop is interrupted (Ctrl-C, an error)
-            for i, t in enumerate(timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-                eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
-                if do_cfg:
-                    eps_ref, eps_cond = eps.chunk(2)
-                    attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
-                    eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
-                else:
-                    eps_ref = eps_guided = eps
-                eps_degraded = None
-                if do_sag and sag.active(i, len(timesteps)):
-                    x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
-                    mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
-                    if sag_mask_callback is not None:
-                        sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
-                    x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
-                    degraded = sched.renoise(scheduler, x0_degraded, noise, t)
-                    eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
-                    eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
-                latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
-                if not bool(torch.isfinite(latents).all()):
-                    raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps, eps_guided=eps_guided,
-                                           eps_degraded=eps_degraded)
-                clock.mark("step")
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
-                    bar.update()
-                    if callback is not None and i % callback_steps == 0:
-                        callback(i // getattr(scheduler, "order", 1), t, latents)
+            with capped_torch_threads(self.runners.host_threads):  # fewer while engines run, see Runners
+                for i, t in enumerate(timesteps):
+                    model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                    eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
+                    if do_cfg:
+                        eps_ref, eps_cond = eps.chunk(2)
+                        attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
+                        eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
+                    else:
+                        eps_ref = eps_guided = eps
+                    eps_degraded = None
+                    if do_sag and sag.active(i, len(timesteps)):
+                        x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
+                        mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
+                        if sag_mask_callback is not None:
+                            sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
+                        x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
+                        degraded = sched.renoise(scheduler, x0_degraded, noise, t)
+                        eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
+                        eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
+                    latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
+                    if not bool(torch.isfinite(latents).all()):
+                        raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps,
+                                               eps_guided=eps_guided, eps_degraded=eps_degraded)
+                    clock.mark("step")
+                    if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+                        bar.update()
+                        if callback is not None and i % callback_steps == 0:
+                            callback(i // getattr(scheduler, "order", 1), t, latents)
         finally:
             bar.close()
 

@@ -11,6 +11,7 @@ so runners over them never load torch modules.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,6 +68,9 @@ class Runners:
     device = torch.device("cpu")
     dtype = torch.float32
     thread_safe = False  # True: two threads may run the three calls at once (see SAGPipeline.__call__)
+    # torch threads for the loop's own ops between UNet calls (None: torch's count). CPU engines say 1: torch's
+    # OpenMP workers spin for a while after a parallel op and take the cores from the engine's next call.
+    host_threads: int | None = None
 
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -94,6 +98,7 @@ class RunnersProxy(Runners):
     def __init__(self, inner: Runners):
         self.inner = inner
         self.name, self.device, self.dtype = inner.name, inner.device, inner.dtype
+        self.host_threads = inner.host_threads
 
     def encode_text(self, *args, **kwargs):
         return self.inner.encode_text(*args, **kwargs)
@@ -119,3 +124,18 @@ class UNetRecorder(RunnersProxy):
         noise_pred, attn_score = self.inner.unet(sample, timestep, context, cross_attention_kwargs)
         self.calls.append(self.record(sample, noise_pred, attn_score))
         return noise_pred, attn_score
+
+
+@contextlib.contextmanager
+def capped_torch_threads(limit: int | None):
+    """torch's intra-op threads at most `limit` for the block, in the calling thread (None: unchanged). torch's
+    OpenMP count is per thread: a pipeline on another thread keeps its own."""
+    saved = torch.get_num_threads()
+    if limit is None or saved <= limit:
+        yield
+        return
+    torch.set_num_threads(limit)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

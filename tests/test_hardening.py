@@ -652,3 +652,35 @@ def test_old_unlocked_staging_is_removed_only_in_sagrts_folder(tiny_onnx, tmp_pa
     claim_folder(tmp_path / "foreign")  # holds nothing but the staging-like folder: usable, and it is kept
     assert not (tmp_path / "export" / ".export-old").exists()
     assert (tmp_path / "foreign" / ".export-old").is_dir()
+
+
+def test_capped_torch_threads_is_per_thread_and_restores():
+    from sagrt.runners import capped_torch_threads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inside, leave = threading.Event(), threading.Event()
+        seen = []
+
+        def capped():
+            torch.set_num_threads(2)
+            with capped_torch_threads(1):
+                seen.append(torch.get_num_threads())
+                inside.set()
+                leave.wait(timeout=10)
+            seen.append(torch.get_num_threads())
+
+        other = threading.Thread(target=capped)
+        other.start()
+        assert inside.wait(timeout=10)
+        assert torch.get_num_threads() == 2  # this thread is not capped by the other's block
+        leave.set()
+        other.join(timeout=10)
+        assert seen == [1, 2]
+        with capped_torch_threads(None):
+            assert torch.get_num_threads() == 2
+        with capped_torch_threads(4):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -135,6 +135,24 @@ def test_whole_loop_matches_torch(tiny, tiny_onnx, scheduler, guidance):
     assert relative_error(results["onnxruntime"], results["torch"]) <= LOOP_BOUND
 
 
+def test_loop_runs_torch_at_one_thread_between_cpu_engine_calls(tiny_onnx):
+    """torch's OpenMP workers spin after a parallel op and take the cores from the engine's next call
+    (benchmarks/RESULTS-openvino.md): the loop holds torch at one thread on CPU engines, and restores it."""
+    seen = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, options in (("onnxruntime", {"export_dir": tiny_onnx, "providers": "cpu"}), ("torch", {})):
+            pipe = SAGPipeline.from_pretrained("tiny", backend=name, **options)
+            pipe.set_progress_bar_config(disable=True)
+            pipe("a cat", height=64, width=64, num_inference_steps=2, output_type="latent",
+                 callback=lambda step, t, latents: seen.setdefault(name, torch.get_num_threads()))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"onnxruntime": 1, "torch": 2}
+
+
 def test_backend_exports_on_first_use_and_reuses_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SAGRT_CACHE", str(tmp_path))
     first = SAGPipeline.from_pretrained("tiny", backend="onnxruntime")

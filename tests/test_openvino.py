@@ -180,6 +180,8 @@ def test_dynamic_shapes_compile_once_for_every_shape(ov_export, ov_fp32):
         for a, b in zip(unet_call(dynamic, batch), unet_call(ov_fp32, batch)):
             assert relative_error(a, b) <= CALL_BOUND
     assert list(dynamic.loaded["unet"]) == ["unet"]
+    pipe = SAGPipeline.from_pretrained("tiny", backend="openvino", export_dir=ov_export, static_shapes=False)
+    assert pipe.runners.static_shapes is False
     with pytest.raises(OpenVinoError, match="shapes_kept must be at least 1"):
         OvRunners(ov_export, "fp32", shapes_kept=0)
 
