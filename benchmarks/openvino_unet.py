@@ -1,5 +1,6 @@
-"""One UNet call on OpenVINO (fp32, bf16) and ONNX Runtime fp32: median time, GFLOP/s, and the fraction of this
-machine's OpenVINO matmul peak in the same precision (a 2048^3 MatMul timed the same way). For
+"""One UNet call on OpenVINO (fp32, bf16; static shapes as sagrt runs them, and one dynamic compilation) and ONNX
+Runtime fp32: median time, GFLOP/s, and the fraction of this machine's OpenVINO matmul peak in the same precision (a
+2048^3 MatMul timed the same way). For
 benchmarks/RESULTS-openvino.md; run it on a quiet machine (it prints the load average it saw).
 
     python benchmarks/openvino_unet.py --model small --size 256 --repeats 10
@@ -79,7 +80,9 @@ def main() -> int:
 
     runners = {"onnxruntime fp32": (OrtRunners(folder, ["cpu"]), "fp32"),
                "openvino fp32": (OvRunners(folder, "fp32"), "fp32"),
-               "openvino bf16": (OvRunners(folder, "bf16"), "bf16")}
+               "openvino fp32, dynamic shapes": (OvRunners(folder, "fp32", static_shapes=False), "fp32"),
+               "openvino bf16": (OvRunners(folder, "bf16"), "bf16"),
+               "openvino bf16, dynamic shapes": (OvRunners(folder, "bf16", static_shapes=False), "bf16")}
     peaks = {precision: matmul_peak(precision, args.repeats) for precision in ("fp32", "bf16")}
     for name, (runner, precision) in runners.items():
         seconds = median_seconds(lambda: runner.unet(sample, timestep, context), args.repeats)
