@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import platform
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -261,7 +262,7 @@ class OvRunners(OrtRunners):
     are OrtRunners' (same graphs, same checks); only the compilations and `run` differ.
 
     With `static_shapes` (the default) each network is compiled for the input shapes of its call, on first use
-    (OpenVINO's CPU plugin runs a static graph 15-25% faster than the dynamic one: benchmarks/RESULTS-openvino.md);
+    (OpenVINO's CPU plugin runs a static graph 15-20% faster than the dynamic one: benchmarks/RESULTS-openvino.md);
     the last `shapes_kept` compilations per network stay in memory, and every one is cached on disk."""
 
     name = BACKEND
@@ -270,17 +271,18 @@ class OvRunners(OrtRunners):
 
     def __init__(self, export_dir: str | Path, precision: str = "fp32", *, wanted: dict | None = None,
                  model: str | None = None, threads: int | None = None, cache: bool = True,
-                 static_shapes: bool = True, shapes_kept: int = 4):
+                 static_shapes: bool = True, shapes_kept: int = 4, progress: bool = True):
         """`precision`: fp32 or bf16 (OpenVINO's inference precision; the graphs are the fp32 export's).
         `threads`: OpenVINO's inference threads (default: OpenVINO's choice). `cache`: import compiled networks
         from, and save them to, the cache folder beside the export. `static_shapes`: compile per input shapes
-        (False: one dynamic compilation per network serves every shape)."""
+        (False: one dynamic compilation per network serves every shape). `progress`: one line on stderr per
+        compilation (seconds each, on the first call at new shapes)."""
         if shapes_kept < 1:
             raise OpenVinoError(f"shapes_kept must be at least 1, got {shapes_kept}")
         self.core = new_core()
         check_precision(precision, self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         self.export_dir, self.precision = Path(export_dir), precision
-        self.static_shapes, self.shapes_kept = static_shapes, shapes_kept
+        self.static_shapes, self.shapes_kept, self.progress = static_shapes, shapes_kept, progress
         self.manifest = verify_export(self.export_dir, {"sagrt_version": __version__, "precision": "fp32",
                                                         **(wanted or {})}, model)
         self.info = ModelInfo(**self.manifest["model_info"])
@@ -308,9 +310,13 @@ class OvRunners(OrtRunners):
             if compiled is not None:
                 self.imported.append(key)
             else:
+                start = time.perf_counter()
                 compiled = self.compile(network, {name: array.shape for name, array in arrays.items()})
                 if self.cache:
                     self.cache.save(key, compiled)
+                if self.progress:
+                    print(f"openvino: compiled {key} ({self.precision}) in {time.perf_counter() - start:.1f} s"
+                          f"{', cached' if self.cache else ''}", file=sys.stderr, flush=True)
             loaded[key] = (compiled, compiled.create_infer_request())
             while len(loaded) > self.shapes_kept:
                 loaded.popitem(last=False)

@@ -153,13 +153,16 @@ def unet_call(runners, batch, seed=6):
     return runners.unet(sample, torch.tensor(10.0), context)
 
 
-def test_each_shape_is_compiled_once_cached_and_reused(ov_export, tmp_path):
+def test_each_shape_is_compiled_once_cached_and_reused(ov_export, tmp_path, capsys):
     folder = tmp_path / "export"
     shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))
     first = OvRunners(folder, "fp32", threads=1, shapes_kept=1)
     one, two = unet_call(first, 1), unet_call(first, 2)
     assert list(first.loaded["unet"]) == ["unet-2x4x8x8-1-2x77x32"]  # shapes_kept=1: batch 1 left memory
     assert torch.equal(unet_call(first, 1)[0], one[0]) and first.imported == ["unet-1x4x8x8-1-1x77x32"]
+    lines = capsys.readouterr().err.splitlines()
+    compiled = [line.split()[2] for line in lines if line.startswith("openvino: compiled")]
+    assert compiled == ["unet-1x4x8x8-1-1x77x32", "unet-2x4x8x8-1-2x77x32"]  # the import printed nothing
     manifest = artifacts.read_manifest(first.cache.folder)
     assert manifest["precision"] == "fp32" and sorted(manifest["files"]) == [
         "unet-1x4x8x8-1-1x77x32.blob", "unet-2x4x8x8-1-2x77x32.blob"]
