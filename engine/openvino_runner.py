@@ -262,7 +262,7 @@ class OvRunners(OrtRunners):
     are OrtRunners' (same graphs, same checks); only the compilations and `run` differ.
 
     With `static_shapes` (the default) each network is compiled for the input shapes of its call, on first use
-    (OpenVINO's CPU plugin runs a static graph 15-20% faster than the dynamic one: benchmarks/RESULTS-openvino.md);
+    (a static UNet call takes 13-20% less time than the dynamic compilation's: benchmarks/RESULTS-openvino.md);
     the last `shapes_kept` compilations per network stay in memory, and every one is cached on disk."""
 
     name = BACKEND

@@ -189,6 +189,17 @@ def test_dynamic_shapes_compile_once_for_every_shape(ov_export, ov_fp32):
         OvRunners(ov_export, "fp32", shapes_kept=0)
 
 
+def test_dynamic_shapes_flag(ov_export, tmp_path, capsys):
+    folder = tmp_path / "export"
+    shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))
+    assert generate(folder, tmp_path, "--dynamic-shapes") == 0
+    blobs = sorted(p.name for p in next(folder.glob("openvino-*-fp32")).glob("*.blob"))
+    assert blobs == ["text_encoder.blob", "unet.blob", "vae_decoder.blob"]  # one dynamic compilation each
+    capsys.readouterr()
+    assert main(["generate", "a cat", "--model", "tiny", "--backend", "onnxruntime", "--dynamic-shapes"]) == 2
+    assert "backend onnxruntime takes no option --dynamic-shapes" in one_line_error(capsys)
+
+
 def test_a_cache_for_other_export_files_is_replaced(ov_export, tmp_path):
     folder = tmp_path / "export"
     shutil.copytree(ov_export, folder, ignore=shutil.ignore_patterns("openvino-*"))

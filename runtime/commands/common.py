@@ -45,6 +45,9 @@ def add_model_arguments(parser, backend_choice=True, default_model: str = "tiny"
                         help="tensorrt: engines from `sagrt build --out DIR` (default: build on first use)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                         help="tensorrt: run engines without CUDA graphs (default: one graph per call shape)")
+    parser.add_argument("--dynamic-shapes", dest="static_shapes", action="store_false", default=None,
+                        help="openvino: one compilation serves every input shape (less memory; a UNet call takes "
+                             "15-25%% longer; default: one compilation per input shapes, on first use)")
     parser.add_argument("--no-safety-checker", action="store_true",
                         help="do not run the model folder's safety checker")
     parser.add_argument("--sag-layer", default=MID_BLOCK_LAYER, metavar="PATH",
@@ -54,13 +57,15 @@ def add_model_arguments(parser, backend_choice=True, default_model: str = "tiny"
 
 # CLI flag -> backend option (runtime/backends.py options dataclasses)
 OPTION_FLAGS = {"device": "--device", "precision": "--precision", "providers": "--provider",
-                "export_dir": "--export-dir", "engine_dir": "--engine-dir", "cuda_graph": "--no-cuda-graph"}
+                "export_dir": "--export-dir", "engine_dir": "--engine-dir", "cuda_graph": "--no-cuda-graph",
+                "static_shapes": "--dynamic-shapes"}
 
 
 def backend_options(args) -> dict:
     """The backend options given on the command line (not their defaults)."""
     values = {"device": args.device, "precision": args.precision, "providers": args.provider,
-              "export_dir": args.export_dir, "engine_dir": args.engine_dir, "cuda_graph": args.cuda_graph}
+              "export_dir": args.export_dir, "engine_dir": args.engine_dir, "cuda_graph": args.cuda_graph,
+              "static_shapes": args.static_shapes}
     return {key: value for key, value in values.items() if value is not None}
 
 
