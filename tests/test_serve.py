@@ -259,6 +259,22 @@ def test_split_request_equals_one_call(server):
     assert np.abs(png_pixels(image) - png_pixels(sixth.content)).max() <= 1
 
 
+def test_openvino_backend_serves_a_batch_as_alone(tmp_path):
+    """The openvino runners (one compilation per input shapes, made while serving) through the service: a
+    request of two images in one call gives the images each seed gives alone."""
+    pytest.importorskip("openvino", reason='the openvino backend needs OpenVINO (pip install ".[openvino]")')
+    srv = Server(tmp_path, "--backend", "openvino", "--export-dir", str(tmp_path / "export"), "--max-batch", "2")
+    try:
+        response = generate(srv.url, seed=30, n=2, num_inference_steps=3, headers={"Accept": "application/json"})
+        assert response.status_code == 200 and response.headers["x-sagrt-batch-images"] == "2"
+        second = generate(srv.url, seed=31, num_inference_steps=3)
+        assert second.status_code == 200 and second.headers["x-sagrt-batch-images"] == "1"
+        image = base64.b64decode(response.json()["images"][1])
+        assert np.abs(png_pixels(image) - png_pixels(second.content)).max() <= 1
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
 # ---- cancellation ---------------------------------------------------------------------------------------------
 def test_disconnect_cancels_within_a_step(server):
     before = metrics(server.url)
