@@ -389,38 +389,37 @@ class SAGPipeline:
         # 3. denoising with SAG
         bar = tqdm(total=num_inference_steps, **{"desc": "denoise", **self.progress_bar_config})
         clock.mark("setup")
-        try:  # the bar ends its line also when the loop is interrupted (Ctrl-C, an error)
-            with capped_torch_threads(self.runners.host_threads):  # fewer while engines run, see Runners
-                for i, t in enumerate(timesteps):
-                    model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-                    eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
-                    if do_cfg:
-                        eps_ref, eps_cond = eps.chunk(2)
-                        attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
-                        eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
-                    else:
-                        eps_ref = eps_guided = eps
-                    eps_degraded = None
-                    if do_sag and sag.active(i, len(timesteps)):
-                        x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
-                        mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
-                        if sag_mask_callback is not None:
-                            sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
-                        x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
-                        degraded = sched.renoise(scheduler, x0_degraded, noise, t)
-                        eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
-                        eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
-                    latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
-                    if not bool(torch.isfinite(latents).all()):
-                        raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps,
-                                               eps_guided=eps_guided, eps_degraded=eps_degraded)
-                    clock.mark("step")
-                    if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
-                        bar.update()
-                        if callback is not None and i % callback_steps == 0:
-                            callback(i // getattr(scheduler, "order", 1), t, latents)
-        finally:
-            bar.close()
+        # the bar ends its line also when the loop is interrupted (Ctrl-C, an error); torch runs fewer threads
+        # while engines run (Runners.host_threads)
+        with bar, capped_torch_threads(self.runners.host_threads):
+            for i, t in enumerate(timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+                eps, attn_score = self.runners.unet(model_input, t, context, cross_attention_kwargs)
+                if do_cfg:
+                    eps_ref, eps_cond = eps.chunk(2)
+                    attn_score = attn_score.chunk(2)[0]  # SAG reads the unconditional half (eq. 25)
+                    eps_guided = classifier_free_guidance(eps_ref, eps_cond, guidance_scale)
+                else:
+                    eps_ref = eps_guided = eps
+                eps_degraded = None
+                if do_sag and sag.active(i, len(timesteps)):
+                    x0, noise = sched.predict_x0_eps(scheduler, latents, eps_ref, t)
+                    mask = sag_mask(attn_score, sag.threshold, x0.shape[-2:], x0.dtype)
+                    if sag_mask_callback is not None:
+                        sag_mask_callback(i // getattr(scheduler, "order", 1), mask)
+                    x0_degraded = sag_degrade(x0, mask, sag.blur_kernel, sag.blur_sigma)
+                    degraded = sched.renoise(scheduler, x0_degraded, noise, t)
+                    eps_degraded, _ = self.runners.unet(degraded, t, degraded_context)
+                    eps_guided = eps_guided + sag_scale * (eps_ref - eps_degraded)  # eq. 16
+                latents = scheduler.step(eps_guided, t, latents, **step_kwargs).prev_sample
+                if not bool(torch.isfinite(latents).all()):
+                    raise non_finite_error(i, len(timesteps), type(scheduler).__name__, eps=eps, eps_guided=eps_guided,
+                                           eps_degraded=eps_degraded)
+                clock.mark("step")
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+                    bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        callback(i // getattr(scheduler, "order", 1), t, latents)
 
         # 4. decode, safety check, postprocess
         if output_type == "latent":
